@@ -1,0 +1,39 @@
+"""Device-side sweep: measure a list of cases (a YAML/JSON file of estimate options) and write
+JSONL records. Run on a CUDA machine: python scripts/device_sweep.py CASES OUT.jsonl [--trace]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from vramplan.catalog import resolve_model
+from vramplan.profiler.sweep import run_cases
+from vramplan.setup import make_setup, profiler_setup
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases")
+    ap.add_argument("out")
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--budget", type=float, default=540)
+    ap.add_argument("--only", default="")
+    a = ap.parse_args()
+    cases = yaml.safe_load(Path(a.cases).read_text())["cases"]
+    setups = []
+    for c in cases:
+        c = dict(c)
+        name = c.pop("name")
+        if a.only and a.only not in name:
+            continue
+        model = resolve_model(c.pop("model"))
+        steps = c.pop("steps", 3)
+        setups.append(profiler_setup(model, make_setup(model, **c), name=name, steps=steps, trace=a.trace))
+    run_cases(setups, Path(a.out), budget_s=a.budget)
+
+
+if __name__ == "__main__":
+    main()

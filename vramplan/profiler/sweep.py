@@ -1,0 +1,53 @@
+"""Run many cases, one subprocess each (allocator state never leaks between cases), with a rich
+progress bar and a time budget; append one JSONL record per case."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def run_one(setup: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "vramplan.profiler.worker", json.dumps(setup)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"setup": setup, "status": "error", "error": (proc.stderr or proc.stdout)[-1500:]}
+
+
+def run_cases(setups: list[dict[str, Any]], out: Path, *, budget_s: float = 3600, case_timeout_s: float = 600) -> list[dict[str, Any]]:
+    """Measure each setup in its own process until the budget runs out; return the records."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    t0 = time.time()
+    cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*cols, transient=False) as bar, out.open("a", encoding="utf-8") as fh:
+        task = bar.add_task("profiling", total=len(setups))
+        for setup in setups:
+            left = budget_s - (time.time() - t0)
+            if left < 20:
+                bar.console.print(f"[yellow]time budget spent; {len(setups) - len(records)} cases not run")
+                break
+            bar.update(task, description=f"{setup.get('name', '')[:40]:40s}")
+            rec = run_one(setup, timeout_s=min(case_timeout_s, left))
+            records.append(rec)
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            status = rec.get("status")
+            peak = rec.get("peak_allocated")
+            bar.console.print(f"{setup.get('name', '?'):44s} {status:7s} "
+                              f"{(peak or 0) / 2**30:8.3f} GiB {rec.get('error', '')[:120]}")
+            bar.advance(task)
+    return records

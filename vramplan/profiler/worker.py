@@ -1,0 +1,221 @@
+"""One measured case, run in its own process: `python -m vramplan.profiler.worker SETUP_JSON`.
+
+Prints one JSON record on its last stdout line. Measures as shared/reference/README.md does:
+random token ids, `loss = model(input_ids=ids, labels=ids).loss`, backward, step,
+`zero_grad(set_to_none=True)`; before each step the peak counter is reset; per step the record
+holds allocated memory at start, after forward, after backward and at the end, and the peaks of
+forward, forward+backward and the whole step — all relative to the allocation before the model
+was built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import platform
+import sys
+import time
+import traceback
+from typing import Any
+
+# Marker allocations (distinct sizes) let the trace replay find phase boundaries.
+_MARKS = {"start": 1001, "after_fwd": 1002, "after_bwd": 1003, "end": 1004}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import torch
+
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for pkg in ("transformers", "peft", "bitsandbytes", "galore-torch", "accelerate"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+        with contextlib.suppress(Exception):
+            import subprocess
+
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    return out
+
+
+def _mark(torch: Any, name: str, on: bool) -> None:
+    if on:
+        torch.empty(_MARKS[name] * 512, dtype=torch.uint8, device="cuda")
+
+
+def _managed_bytes(opt: Any) -> int:
+    """Bytes of optimizer state living in CUDA managed memory (bitsandbytes paged optimizers)."""
+    total = 0
+    for st in getattr(opt, "state", {}).values():
+        for v in st.values() if isinstance(st, dict) else ():
+            if getattr(v, "is_paged", False):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def run_case(setup: dict[str, Any], *, steps: int = 3, trace: bool = False) -> dict[str, Any]:
+    import torch
+
+    from vramplan.profiler.build import apply_method, build_model, compute_dtype, make_optimizer
+
+    dev = torch.device("cuda")
+    torch.cuda.init()
+    torch.manual_seed(0)
+    torch.empty(1, device=dev)  # CUDA context
+    base = torch.cuda.memory_allocated()
+    free0, total = torch.cuda.mem_get_info()
+    if trace:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    t0 = time.time()
+    model = build_model(setup, dev)
+    alloc_after_load = torch.cuda.memory_allocated() - base
+    model = apply_method(model, setup)
+    model.train()
+    alloc_after_wrap = torch.cuda.memory_allocated() - base
+    opt = make_optimizer(model, setup)
+    load_s = time.time() - t0
+    n_total = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    b, s = setup["batch_size"], setup["seq_len"]
+    vocab = setup["hf_config"]["vocab_size"]
+    amp = setup["precision"] == "mixed"
+    cdt = compute_dtype(setup)
+    rec_steps = []
+    tokens_time = 0.0
+    for i in range(steps):
+        ids = torch.randint(0, vocab, (b, s), device=dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        last = trace and i == steps - 1
+        _mark(torch, "start", last)
+        st: dict[str, Any] = {"alloc_start": torch.cuda.memory_allocated() - base}
+        ts = time.time()
+        with torch.autocast("cuda", dtype=cdt, enabled=amp):
+            loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        st["alloc_after_fwd"] = torch.cuda.memory_allocated() - base
+        st["peak_fwd"] = torch.cuda.max_memory_allocated() - base
+        _mark(torch, "after_fwd", last)
+        loss.backward()
+        torch.cuda.synchronize()
+        st["alloc_after_bwd"] = torch.cuda.memory_allocated() - base
+        st["peak_bwd"] = torch.cuda.max_memory_allocated() - base
+        _mark(torch, "after_bwd", last)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        st["alloc_end"] = torch.cuda.memory_allocated() - base
+        st["peak"] = torch.cuda.max_memory_allocated() - base
+        st["reserved_peak"] = torch.cuda.max_memory_reserved()
+        st["step_s"] = round(time.time() - ts, 4)
+        st["loss"] = float(loss.item())
+        _mark(torch, "end", last)
+        if i > 0:
+            tokens_time += st["step_s"]
+        rec_steps.append(st)
+        del loss
+    free1, _ = torch.cuda.mem_get_info()
+    rec: dict[str, Any] = {
+        "status": "ok",
+        "n_params_total": n_total, "n_trainable": n_train,
+        "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
+        "alloc_after_load": alloc_after_load, "alloc_after_wrap": alloc_after_wrap,
+        "steps": rec_steps,
+        "peak_allocated": max(x["peak"] for x in rec_steps),
+        "peak_reserved": torch.cuda.max_memory_reserved(),
+        "device_used_end": total - free1, "device_used_start": total - free0,
+        "managed_bytes": _managed_bytes(opt),
+        "gpu_total": total, "load_s": round(load_s, 2),
+        "tokens_per_s": round(b * s * (steps - 1) / tokens_time, 1) if steps > 1 and tokens_time else None,
+    }
+    if trace:
+        rec["trace"] = summarise_trace(torch.cuda.memory._snapshot())
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return rec
+
+
+def _where(frames: list[dict[str, Any]]) -> str:
+    keep = ("transformers/", "peft/", "bitsandbytes/", "galore", "torch/optim", "torch/nn/", "torch/utils/checkpoint",
+            "vramplan/")
+    picked = []
+    for f in frames:
+        fn = f.get("filename", "")
+        if any(k in fn for k in keep):
+            picked.append(f"{fn.rsplit('/', 1)[-1]}:{f.get('line')}:{f.get('name')}")
+            if len(picked) == 2:
+                break
+    return " < ".join(picked) or (frames[0].get("name", "?") if frames else "?")
+
+
+def summarise_trace(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Replay the allocator trace of the last step: what is alive at each phase mark and at the
+    peak, grouped by (allocation site, size)."""
+    events = snapshot["device_traces"][0]
+    sizes = {v * 512: k for k, v in _MARKS.items()}
+    alive: dict[int, tuple[int, str]] = {}
+    total = 0
+    out: dict[str, Any] = {}
+    in_step = False
+    peak = -1
+    peak_set: dict[int, tuple[int, str]] = {}
+
+    def groups(a: dict[int, tuple[int, str]]) -> list[list[Any]]:
+        agg: dict[tuple[str, int], int] = {}
+        for size, where in a.values():
+            agg[(where, size)] = agg.get((where, size), 0) + 1
+        rows = sorted(([w, sz, n, sz * n] for (w, sz), n in agg.items()), key=lambda r: -r[3])
+        return [r for r in rows if r[3] >= 1 << 20][:40]
+
+    for ev in events:
+        act, addr, size = ev["action"], ev["addr"], ev["size"]
+        if act == "alloc":
+            if size in sizes:
+                name = sizes[size]
+                if name == "start":
+                    in_step = True
+                    alive_before = {a: v for a, v in alive.items()}
+                    out["start"] = {"bytes": total, "groups": []}
+                    del alive_before
+                else:
+                    out[name] = {"bytes": total, "groups": groups(alive)}
+                continue
+            alive[addr] = (size, _where(ev.get("frames", [])))
+            total += size
+            if in_step and total > peak:
+                peak = total
+                peak_set = dict(alive)
+        elif act in ("free_requested",):
+            if addr in alive:
+                total -= alive.pop(addr)[0]
+    out["peak"] = {"bytes": peak, "groups": groups(peak_set)}
+    return out
+
+
+def main() -> None:
+    setup = json.loads(sys.argv[1])
+    steps = int(setup.pop("steps", 3))
+    trace = bool(setup.pop("trace", False))
+    import torch
+
+    from vramplan.profiler import build  # noqa: F401  (fail early on a missing dependency)
+
+    rec: dict[str, Any] = {"setup": setup, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    try:
+        rec["gpu"] = torch.cuda.get_device_name(0)
+        rec["versions"] = _versions()
+        rec.update(run_case(setup, steps=steps, trace=trace))
+    except torch.OutOfMemoryError as e:
+        rec.update(status="oom", error=str(e).splitlines()[0][:300],
+                   peak_allocated=torch.cuda.max_memory_allocated(), gpu_total=torch.cuda.mem_get_info()[1])
+    except Exception as e:  # a failed case is a recorded result too
+        rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:500]}", tb=traceback.format_exc()[-2000:])
+    print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
