@@ -4,7 +4,6 @@ JSONL records. Run on a CUDA machine: python scripts/device_sweep.py CASES OUT.j
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import yaml
@@ -21,8 +20,9 @@ def main() -> None:
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--budget", type=float, default=540)
     ap.add_argument("--only", default="")
+    ap.add_argument("--start", type=int, default=0, help="skip the first N cases")
     a = ap.parse_args()
-    cases = yaml.safe_load(Path(a.cases).read_text())["cases"]
+    cases = yaml.safe_load(Path(a.cases).read_text())["cases"][a.start:]
     setups = []
     for c in cases:
         c = dict(c)

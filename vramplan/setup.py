@@ -41,6 +41,7 @@ class Setup:
     double_quant: bool = True
     kbit_prepare: bool = True
     grad_accum: int = 1
+    hold_outputs: bool = True
 
     @property
     def quantised(self) -> bool:
@@ -95,7 +96,7 @@ def make_setup(model: ModelSpec, *, method: str = "full", dtype: str | None = No
                attn: str = "sdpa", lora_rank: int = 16, lora_alpha: float | None = None, lora_dropout: float = 0.05,
                lora_targets: str | list[str] | tuple[str, ...] = "all-linear", galore_rank: int = 128,
                prefix_tokens: int = 20, prefix_projection: bool = False, double_quant: bool = True,
-               kbit_prepare: bool = True, grad_accum: int = 1) -> Setup:
+               kbit_prepare: bool = True, grad_accum: int = 1, hold_outputs: bool = True) -> Setup:
     """Validate user options against the model and return the resolved Setup."""
     _choice("method", method, METHODS)
     _choice("precision", precision, PRECISIONS)
@@ -144,6 +145,7 @@ def make_setup(model: ModelSpec, *, method: str = "full", dtype: str | None = No
         lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank), lora_dropout=lora_dropout,
         lora_targets=targets, galore_rank=galore_rank, prefix_tokens=prefix_tokens,
         prefix_projection=prefix_projection, double_quant=double_quant, kbit_prepare=kbit_prepare, grad_accum=grad_accum,
+        hold_outputs=hold_outputs,
     )
 
 

@@ -8,6 +8,7 @@ footprint.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -46,11 +47,12 @@ def _quantised_linear(child: nn.Linear, setup: dict[str, Any], device: torch.dev
     w = torch.empty(child.out_features, child.in_features, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
     bias = child.bias is not None
     if setup["dtype"] == "int8":
-        new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias, has_fp16_weights=False,
+        # Int8Params quantises only when moved from the CPU (bitsandbytes 0.50 nn/modules.py)
+        new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False, has_fp16_weights=False,
                                   threshold=6.0, device="meta")
-        new.weight = bnb.nn.Int8Params(w.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+        new.weight = bnb.nn.Int8Params(w.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
     else:
-        new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias, compute_dtype=torch.bfloat16,
+        new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
                                 compress_statistics=setup["double_quant"], quant_type=setup["dtype"], device="meta")
         new.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=setup["double_quant"],
                                        quant_type=setup["dtype"])
@@ -92,17 +94,11 @@ def build_model(setup: dict[str, Any], device: torch.device) -> nn.Module:
                 setattr(parent, cname, _quantised_linear(child, setup, device))
     _materialise(model, torch.bfloat16, device)
     model.tie_weights()
-    if setup["dtype"] in ("nf4", "fp4"):
-        model.is_loaded_in_4bit = True
-    else:
-        model.is_loaded_in_8bit = True
-    model.is_quantized = True
+    flag = "is_loaded_in_4bit" if setup["dtype"] in ("nf4", "fp4") else "is_loaded_in_8bit"
+    for attr in (flag, "is_quantized"):
+        with contextlib.suppress(AttributeError):
+            setattr(model, attr, True)
     return model
-
-
-def _lora_targets(setup: dict[str, Any], model: nn.Module) -> Any:
-    t = setup["lora_targets_resolved"]
-    return t
 
 
 def apply_method(model: nn.Module, setup: dict[str, Any]) -> nn.Module:
@@ -131,8 +127,6 @@ def apply_method(model: nn.Module, setup: dict[str, Any]) -> nn.Module:
     elif method == "bitfit":
         for n, p in model.named_parameters():
             p.requires_grad_(n.endswith(".bias"))
-    if setup["grad_checkpointing"] and method not in ("full", "galore", "bitfit"):
-        model.enable_input_require_grads() if hasattr(model, "enable_input_require_grads") else None
     return model
 
 

@@ -1,8 +1,10 @@
 """One measured case, run in its own process: `python -m vramplan.profiler.worker SETUP_JSON`.
 
 Prints one JSON record on its last stdout line. Measures as shared/reference/README.md does:
-random token ids, `loss = model(input_ids=ids, labels=ids).loss`, backward, step,
-`zero_grad(set_to_none=True)`; before each step the peak counter is reset; per step the record
+random token ids, `out = model(input_ids=ids, labels=ids)`, `out.loss.backward()`, step,
+`zero_grad(set_to_none=True)`, then `del out` (the loop holds the output, logits included, through
+backward and step, as the reference runs and HF's example loops do; `hold_outputs: false` drops it
+right after forward); before each step the peak counter is reset; per step the record
 holds allocated memory at start, after forward, after backward and at the end, and the peaks of
 forward, forward+backward and the whole step — all relative to the allocation before the model
 was built.
@@ -84,6 +86,7 @@ def run_case(setup: dict[str, Any], *, steps: int = 3, trace: bool = False) -> d
     b, s = setup["batch_size"], setup["seq_len"]
     vocab = setup["hf_config"]["vocab_size"]
     amp = setup["precision"] == "mixed"
+    hold = setup.get("hold_outputs", True)
     cdt = compute_dtype(setup)
     rec_steps = []
     tokens_time = 0.0
@@ -96,7 +99,10 @@ def run_case(setup: dict[str, Any], *, steps: int = 3, trace: bool = False) -> d
         st: dict[str, Any] = {"alloc_start": torch.cuda.memory_allocated() - base}
         ts = time.time()
         with torch.autocast("cuda", dtype=cdt, enabled=amp):
-            loss = model(input_ids=ids, labels=ids).loss
+            out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        if not hold:  # a loop that keeps only the loss frees the logits here
+            del out
         torch.cuda.synchronize()
         st["alloc_after_fwd"] = torch.cuda.memory_allocated() - base
         st["peak_fwd"] = torch.cuda.max_memory_allocated() - base
@@ -108,6 +114,8 @@ def run_case(setup: dict[str, Any], *, steps: int = 3, trace: bool = False) -> d
         _mark(torch, "after_bwd", last)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if hold:  # the loop holds the model output (logits) until the step is done
+            del out
         torch.cuda.synchronize()
         st["alloc_end"] = torch.cuda.memory_allocated() - base
         st["peak"] = torch.cuda.max_memory_allocated() - base
