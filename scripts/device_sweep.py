@@ -21,6 +21,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=540)
     ap.add_argument("--only", default="")
     ap.add_argument("--start", type=int, default=0, help="skip the first N cases")
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--big", choices=["only", "skip", "any"], default="any",
+                    help="cases on models of more than 4B parameters: only those, none of them, or any")
     a = ap.parse_args()
     cases = yaml.safe_load(Path(a.cases).read_text())["cases"][a.start:]
     setups = []
@@ -30,9 +33,12 @@ def main() -> None:
         if a.only and a.only not in name:
             continue
         model = resolve_model(c.pop("model"))
+        big = model.params_total > 4e9
+        if (a.big == "only" and not big) or (a.big == "skip" and big):
+            continue
         steps = c.pop("steps", 3)
         setups.append(profiler_setup(model, make_setup(model, **c), name=name, steps=steps, trace=a.trace))
-    run_cases(setups, Path(a.out), budget_s=a.budget)
+    run_cases(setups, Path(a.out), budget_s=a.budget, parallel=a.parallel)
 
 
 if __name__ == "__main__":

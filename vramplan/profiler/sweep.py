@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +29,40 @@ def run_one(setup: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
     return {"setup": setup, "status": "error", "error": (proc.stderr or proc.stdout)[-1500:]}
 
 
-def run_cases(setups: list[dict[str, Any]], out: Path, *, budget_s: float = 3600, case_timeout_s: float = 600) -> list[dict[str, Any]]:
-    """Measure each setup in its own process until the budget runs out; return the records."""
+def run_cases(setups: list[dict[str, Any]], out: Path, *, budget_s: float = 3600, case_timeout_s: float = 600,
+              parallel: int = 1) -> list[dict[str, Any]]:
+    """Measure each setup in its own process until the budget runs out; return the records.
+
+    With parallel > 1, that many cases share the GPU at once: each process's
+    max_memory_allocated is its own, but device-wide figures (mem_get_info) are not, so such
+    records carry `concurrent: true`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    records = []
+    records: list[dict[str, Any]] = []
     t0 = time.time()
+    lock = threading.Lock()
     cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-    with Progress(*cols, transient=False) as bar, out.open("a", encoding="utf-8") as fh:
+
+    def one(setup: dict[str, Any]) -> dict[str, Any] | None:
+        left = budget_s - (time.time() - t0)
+        if left < 20:
+            return None
+        rec = run_one(setup, timeout_s=min(case_timeout_s, left))
+        rec["concurrent"] = parallel > 1
+        return rec
+
+    with Progress(*cols, transient=False) as bar, out.open("a", encoding="utf-8") as fh, \
+            ThreadPoolExecutor(max_workers=parallel) as pool:
         task = bar.add_task("profiling", total=len(setups))
-        for setup in setups:
-            left = budget_s - (time.time() - t0)
-            if left < 20:
-                bar.console.print(f"[yellow]time budget spent; {len(setups) - len(records)} cases not run")
-                break
-            bar.update(task, description=f"{setup.get('name', '')[:40]:40s}")
-            rec = run_one(setup, timeout_s=min(case_timeout_s, left))
-            records.append(rec)
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
-            status = rec.get("status")
-            peak = rec.get("peak_allocated")
-            bar.console.print(f"{setup.get('name', '?'):44s} {status:7s} "
-                              f"{(peak or 0) / 2**30:8.3f} GiB {rec.get('error', '')[:120]}")
+        for rec in pool.map(one, setups):
             bar.advance(task)
+            if rec is None:
+                continue
+            with lock:
+                records.append(rec)
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+            bar.console.print(f"{rec['setup'].get('name', '?'):44s} {rec.get('status', '?'):7s} "
+                              f"{(rec.get('peak_allocated') or 0) / 2**30:8.3f} GiB {rec.get('error', '')[:120]}")
+        if len(records) < len(setups):
+            bar.console.print(f"[yellow]time budget spent; {len(setups) - len(records)} cases not run")
     return records
