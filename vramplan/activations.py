@@ -1,0 +1,272 @@
+"""Activations: the tensors autograd saves during forward, per decoder layer and for the
+LM head / loss, and the transients of backward.
+
+Each term names the tensor it counts. The facts behind them were read off allocator traces of real
+runs (torch 2.11, transformers 5.17, peft 0.21; `vramplan profile --trace`), e.g. for a bf16
+Llama layer: RMSNorm saves its fp32 input and bf16 normalised copy (modeling_llama.py
+LlamaRMSNorm), SDPA-flash saves q, k, v, output and logsumexp, SiLU-gated MLPs save gate, act,
+up and their product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.arch import ArchConfig
+from vramplan.layout import Layout
+from vramplan.setup import Setup
+
+# GPT-2 configs default to dropout 0.1 on embeddings, residuals and attention
+# (transformers GPT2Config resid_pdrop/embd_pdrop/attn_pdrop); Llama-style decoders use none.
+GPT2_DROPOUT = 0.1
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Bytes per element of the activation streams of a setup."""
+
+    residual: int  # the residual stream between layers
+    norm_out: int  # norm outputs
+    linear_out: int  # Linear outputs inside attention and MLP
+    logits: int  # lm_head output
+    autocast: bool  # mixed precision: each Linear casts its input to 16-bit separately
+
+
+def stream_dtypes(setup: Setup) -> Dtypes:
+    if setup.precision == "fp32":
+        return Dtypes(4, 4, 4, 4, False)
+    if setup.precision == "mixed":
+        # fp32 weights under autocast: the embedding output, residual adds and norms stay fp32,
+        # matmuls run and return 16-bit.
+        return Dtypes(4, 4, 2, 2, True)
+    if setup.quantised and setup.kbit_prepare:
+        # prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32, so the
+        # hidden states are fp32; bitsandbytes Linear4bit/8bitLt return their input's dtype.
+        return Dtypes(4, 4, 4, 4, False)
+    b = 2 if setup.dtype in ("bf16", "fp16") or setup.quantised else 4
+    return Dtypes(b, b, b, b, False)
+
+
+@dataclass(frozen=True)
+class AttnKernel:
+    name: str  # "flash" | "efficient" | "math" | "eager"
+    repeat_kv: bool  # k/v expanded to every query head before the kernel
+    mask_saved: bool  # a dense mask [b, 1, s, s_k] of the compute dtype saved per layer
+
+
+def attention_kernel(arch: ArchConfig, setup: Setup, dt: Dtypes) -> AttnKernel:
+    """Which kernel SDPA really runs. transformers passes enable_gqa only without a mask
+    (integrations/sdpa_attention.py use_gqa_in_sdpa); torch's flash kernel needs 16-bit inputs and
+    no mask, and its memory-efficient kernel does not take GQA, so fp32 + GQA falls to the math
+    kernel (seen: QLoRA traces save b*h*s*s fp32 probabilities)."""
+    masked = setup.method == "prefix"  # peft passes a prefix attention mask
+    gqa = arch.kv_heads != arch.heads
+    if setup.attn == "eager":
+        return AttnKernel("eager", gqa, False)
+    if masked:
+        return AttnKernel("efficient", gqa, True)
+    if dt.linear_out == 2:
+        return AttnKernel("flash", False, False)
+    return AttnKernel("math" if gqa else "efficient", gqa, False)
+
+
+@dataclass(frozen=True)
+class LayerActs:
+    saved: int  # bytes one layer saves for backward
+    transient: int  # extra bytes alive at the worst moment of one layer's backward
+    retained: int = 0  # bytes held by the graph itself until it is freed (not by backward)
+
+
+def _consumer_bytes(*, d_in: int, in_bytes: int, base_saves: bool, lora: bool, setup: Setup, dt: Dtypes,
+                    shared_seen: list[bool]) -> int:
+    """What one Linear saves of its input, per token.
+
+    Trainable base weight: the input itself (counted once by the caller), or under autocast its
+    own 16-bit cast. LoRA (peft lora/layer.py Linear.forward): x cast to the adapter dtype (fp32),
+    then dropout (a bool mask and an fp32 output saved for lora_A), one copy per targeted module."""
+    b = 0
+    if base_saves and dt.autocast and in_bytes != 2:
+        b += 2 * d_in
+    if lora:
+        if setup.lora_dropout > 0:
+            b += 5 * d_in
+        elif in_bytes != 4:
+            b += 4 * d_in
+        elif not shared_seen[0]:
+            shared_seen[0] = True  # lora_A saves the fp32 input itself, shared by all targets
+    return b
+
+
+def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes, kernel: AttnKernel,
+                      first_layer: bool = False) -> LayerActs:
+    """Bytes one decoder layer saves for backward (whole micro-batch), and its backward transient."""
+    b, s = setup.batch_size, setup.seq_len
+    T = b * s
+    H, Iw = arch.hidden, arch.intermediate
+    q, kv, heads = arch.q_dim, arch.kv_dim, arch.heads
+    L = dt.linear_out
+    base = setup.method in ("full", "galore")
+    lora = setup.lora_targets if setup.method in ("lora", "qlora") else ()
+    virt = setup.prefix_tokens if setup.method in ("prefix", "prompt") else 0
+    s_k = s + virt  # attention span (prefix adds keys/values; prompt tuning lengthens the sequence)
+    if setup.method == "prompt":
+        T = b * s_k
+        s = s_k
+    adapters_only = not base
+    in_grad = not (first_layer and adapters_only and setup.method not in ("prompt",))
+    gpt2 = arch.family == "gpt2"
+    mods = {lm.module: lm for lm in lay.linears}
+    per_tok = 0
+
+    def consumer(mod: str, d_in: int, in_bytes: int, seen: list[bool]) -> int:
+        return _consumer_bytes(d_in=d_in, in_bytes=in_bytes, base_saves=base, lora=mod in lora, setup=setup, dt=dt,
+                               shared_seen=seen)
+
+    attn_in_mods = [m for m in mods if mods[m].kind == "attn" and m not in ("o_proj", "c_proj")]
+    # ---- attention block input: norm ----------------------------------------------------------
+    if gpt2:
+        per_tok += dt.residual * H if in_grad else 0  # LayerNorm saves its input
+    elif in_grad:
+        per_tok += 4 * H  # RMSNorm: fp32 copy of the input (pow/mul save it)
+    gemma = arch.model_type.startswith("gemma")
+    normalised = 4 if (gemma or dt.norm_out == 4) else 2  # GemmaRMSNorm multiplies in fp32
+    if base and not gpt2:
+        per_tok += normalised * H  # normalised tensor saved by weight*x
+    if arch.norms_per_layer == 4:  # Gemma2 post-attention and post-feedforward norms
+        per_tok += 2 * (4 + (normalised if base else 0)) * H
+    seen = [False]
+    if base and not dt.autocast:
+        per_tok += dt.norm_out * H  # norm output, saved once by the q/k/v (c_attn) Linears
+        seen = [True]
+    for m in attn_in_mods:
+        per_tok += consumer(m, mods[m].d_in, dt.norm_out, seen)
+    if seen[0] and not (base and not dt.autocast):
+        per_tok += dt.norm_out * H
+    # ---- attention core -----------------------------------------------------------------------
+    kv_w = q if kernel.repeat_kv else kv
+    core_tok = L * q  # query after rotary
+    core_tok += 2 * L * kv_w * s_k // s  # keys and values over the attention span
+    if gpt2:
+        core_tok = L * 3 * H  # c_attn output; q, k, v are views of it
+    scores = b * heads * s * s_k  # elements of one layer's attention matrix
+    attn_dropout = GPT2_DROPOUT if gpt2 else 0.0
+    core = 0
+    if kernel.name in ("flash", "efficient"):
+        core_tok += L * q  # output (shared with o_proj's input)
+        core += 4 * b * heads * s  # logsumexp
+        if kernel.mask_saved:
+            core += L * b * s * s_k
+        out_shared = True
+    elif kernel.name == "math":
+        core += L * scores  # softmax probabilities
+        out_shared = False
+    else:  # eager: matmul, softmax (fp32 in Llama-style code, then cast), dropout, matmul
+        core += (4 + L if not gpt2 else L) * scores
+        if attn_dropout:
+            core += (1 + L) * scores
+        out_shared = False
+    per_tok += core_tok
+    # ---- o_proj / c_proj --------------------------------------------------------------------
+    o_name = "c_proj" if gpt2 else "o_proj"
+    if base and not out_shared:
+        per_tok += L * q  # attention output made contiguous, saved by o_proj
+    per_tok += consumer(o_name, q, L, [True])
+    if gpt2:
+        per_tok += 1 * H * 2 if attn_dropout else 0  # residual dropout masks (after attn and MLP)
+    # ---- MLP ----------------------------------------------------------------------------------
+    if gpt2:
+        per_tok += dt.residual * H  # ln_2 input
+        seen = [False]
+        if base:
+            per_tok += dt.norm_out * H
+            seen = [True]
+        per_tok += consumer("c_fc", H, dt.norm_out, seen)
+        act = arch.activation
+        per_tok += L * Iw  # c_fc output (GELU input)
+        per_tok += (3 if act == "gelu_new" else 0) * L * Iw  # NewGELU's python tanh formula saves 3
+        if base:
+            per_tok += L * Iw  # GELU output saved by c_proj
+        per_tok += consumer("c_proj", Iw, L, [True]) if "c_proj" in lora else 0
+    elif arch.family == "moe":
+        k = arch.experts_per_token
+        ie = arch.moe_intermediate or Iw
+        per_tok += 4 * H + (2 if base else 0) * H + (dt.norm_out * H if base else 0)
+        per_tok += 8 * arch.n_experts  # router logits / softmax (fp32)
+        per_tok += k * (2 * L * H + 4 * L * ie)  # per routed token: gathered input, gate/up/act/product
+        if arch.shared_expert_intermediate:
+            per_tok += 4 * L * arch.shared_expert_intermediate + L * H
+    else:
+        per_tok += 4 * H  # post-attention RMSNorm fp32 input
+        if base:
+            per_tok += normalised * H
+        seen = [False]
+        if base and not dt.autocast:
+            per_tok += dt.norm_out * H
+            seen = [True]
+        for m in ("gate_proj", "up_proj", "gate_up_proj"):
+            if m in mods:
+                per_tok += consumer(m, H, dt.norm_out, seen)
+        if seen[0] and not (base and not dt.autocast):
+            per_tok += dt.norm_out * H
+        per_tok += 3 * L * Iw  # gate output (act input), act output, up output (mul saves both)
+        if base:
+            per_tok += L * Iw  # product, saved by down_proj
+        per_tok += consumer("down_proj", Iw, L, [True])
+        if setup.method == "ia3":
+            # peft IA3: result * ia3_l saves the k/v outputs; down's input is cast to the fp32
+            # vector's dtype and saved by x * ia3_l (peft/tuners/ia3/layer.py)
+            per_tok += L * 2 * kv + 4 * Iw
+    saved = per_tok * T + core
+    retained = 0
+    if setup.dtype == "int8":
+        # bitsandbytes MatMul8bitLt.forward stores its input A in ctx.tensors (not
+        # save_for_backward), so backward does not free it: it lives as long as the graph, through
+        # the optimizer step, and checkpointing does not remove it. Distinct inputs per layer:
+        # attention input (shared by q/k/v), o_proj input, MLP input (shared by gate/up), down's.
+        retained = dt.residual * (H + q + H + Iw) * T if not gpt2 else dt.residual * (H + H + H + Iw) * T
+    # Backward of one layer: the gradients of the widest intermediates (MLP) exist together while
+    # its saved tensors are still alive; for eager/math the attention-score gradients too.
+    width = (arch.moe_intermediate or Iw) * (arch.experts_per_token or 1)
+    transient = 3 * L * width * T
+    if kernel.name in ("eager", "math"):
+        transient = max(transient, 2 * 4 * scores)
+    return LayerActs(saved=saved, transient=transient, retained=retained)
+
+
+@dataclass(frozen=True)
+class HeadActs:
+    """Final norm, lm_head, logits and loss."""
+
+    saved: int  # saved for backward at the end of forward (final norm + log-softmax output)
+    logits: int  # the lm_head output (held by the model output)
+    fwd_transient: int  # extra at the loss computation (fp32 upcast of the logits, softcap temps)
+    bwd_transient: int  # extra at the start of backward (log-softmax backward buffers)
+
+
+def head_activations(arch: ArchConfig, setup: Setup, dt: Dtypes) -> HeadActs:
+    T = setup.batch_size * (setup.seq_len + (setup.prefix_tokens if setup.method == "prompt" else 0))
+    V, H = arch.vocab, arch.hidden
+    base = setup.method in ("full", "galore")
+    saved = (dt.residual if arch.family == "gpt2" else 4) * H * T  # final norm input
+    if base:
+        saved += (0 if arch.family == "gpt2" else 2) * H * T  # normalised copy (trainable weight)
+        saved += (2 if dt.autocast else dt.norm_out) * H * T  # lm_head input (trainable lm_head)
+    Lv = dt.logits
+    logits = Lv * V * T
+    # transformers loss_utils.ForCausalLMLoss: logits.float(), then cross_entropy = log_softmax
+    # (saves its fp32 output) + nll_loss.
+    saved += 4 * V * T
+    fwd_transient = (4 * V * T if Lv != 4 else 0)
+    if arch.final_logit_softcap:
+        saved += Lv * V * T  # tanh output saved (Gemma2 final_logit_softcapping)
+        fwd_transient += Lv * V * T
+    # Backward of log_softmax: the incoming fp32 gradient (nll_loss backward) and the outgoing one
+    # exist together with the saved output (seen as +8 B/(token*vocab) at the backward peak).
+    bwd_transient = 8 * V * T
+    return HeadActs(saved=saved, logits=logits, fwd_transient=fwd_transient, bwd_transient=bwd_transient)
+
+
+def checkpoint_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:
+    """Non-reentrant gradient checkpointing keeps each layer's input hidden states."""
+    T = setup.batch_size * (setup.seq_len + (setup.prefix_tokens if setup.method == "prompt" else 0))
+    return dt.residual * arch.hidden * T

@@ -1,0 +1,177 @@
+"""The analytic memory model: components, phases and the three totals of one training step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vramplan.activations import checkpoint_bytes, head_activations, layer_activations, attention_kernel, stream_dtypes
+from vramplan.arch import ModelSpec
+from vramplan.catalog import resolve_model
+from vramplan.layout import layout
+from vramplan.methods import trainable
+from vramplan.optimizers import optimizer_bytes
+from vramplan.setup import Setup, make_setup
+from vramplan.units import MiB
+from vramplan.weights import DTYPE_BYTES, base_weight_bytes
+
+# cuBLAS workspaces come from PyTorch's caching allocator, one per (handle, stream): one for the
+# forward thread and one for the autograd engine's thread, 32 MiB each on Hopper
+# (aten/src/ATen/cuda/CublasHandlePool.cpp), plus 1 MiB seen beside them; read off traced runs
+# (data/measurements: ~65 MiB alive after every step, on top of weights and optimizer states).
+CUBLAS_WORKSPACE_BYTES = 65 * MiB
+# CUDA context, kernels and library handles outside the allocator: device used minus peak
+# reserved, 767 MiB in every sequential run on H100 80GB HBM3 (driver 580.159, torch 2.11+cu130)
+# in data/measurements. Card- and version-dependent: override with context_bytes=.
+CUDA_CONTEXT_BYTES = 767 * MiB
+# The caching allocator reserves more than it hands out (2 MiB-rounded segments, blocks split
+# and cached): median peak_reserved / peak_allocated over the committed records, see
+# tests/test_validation.py::test_reserved_estimate_median_error for its accuracy.
+RESERVED_OVERHEAD = 0.06
+RESERVED_FLOOR = 64 * MiB
+
+PHASES = ("load", "forward", "backward", "optimizer_step")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One setup's memory. Bytes everywhere; components add up to the totals."""
+
+    model: str
+    params_total: int
+    params_trainable: int
+    setup: Setup
+    breakdown: dict[str, int]  # component -> bytes at the peak phase (sums to peak_allocated)
+    phases: dict[str, int]  # phase -> peak allocated bytes in that phase
+    peak_phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_total_bytes: int
+    outside_allocator: dict[str, int] = field(default_factory=dict)  # where -> bytes
+
+    @property
+    def outside_allocator_bytes(self) -> int:
+        return sum(self.outside_allocator.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": {"name": self.model, "params_total": self.params_total, "params_trainable": self.params_trainable},
+            "setup": self.setup.to_dict(),
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_total_bytes": self.device_total_bytes,
+            "peak_phase": self.peak_phase,
+            "breakdown": dict(self.breakdown),
+            "phases": dict(self.phases),
+            "outside_allocator_bytes": self.outside_allocator_bytes,
+            "outside_allocator": dict(self.outside_allocator),
+        }
+
+
+def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> Estimate:
+    """The analytic model proper: pure arithmetic on a resolved model and setup."""
+    arch = spec.arch
+    lay = layout(spec)
+    dt = stream_dtypes(setup)
+    dense_b = 4 if setup.precision in ("fp32", "mixed") else DTYPE_BYTES.get(setup.dtype, 2)
+    if setup.quantised:
+        dense_b = 4 if setup.kbit_prepare else 2
+    w = base_weight_bytes(lay=lay, dtype=setup.dtype, dense_bytes_per_param=dense_b,
+                          double_quant=setup.double_quant, quantised=setup.quantised)
+    tr = trainable(lay, arch, setup, dense_b)
+    adapters = 0 if tr.base_trainable else tr.bytes
+    weights = w.total + adapters
+    grads = tr.bytes
+    opt = optimizer_bytes(tr=tr, setup=setup)
+    kernel = attention_kernel(arch, setup, dt)
+    layer = layer_activations(arch, lay, setup, dt=dt, kernel=kernel)
+    layer0 = layer_activations(arch, lay, setup, dt=dt, kernel=kernel, first_layer=True)
+    head = head_activations(arch, setup, dt)
+    hold = head.logits if setup.hold_outputs else 0
+    ws = CUBLAS_WORKSPACE_BYTES
+    if setup.grad_checkpointing:
+        ckpt = checkpoint_bytes(arch, setup, dt)
+        layers_saved = ckpt * lay.layers
+    else:
+        layers_saved = layer.saved * (lay.layers - 1) + layer0.saved
+    # Mixed precision: autocast casts each weight to 16-bit once per forward and the casts are
+    # saved for backward (torch autocast weight cache) — 2 bytes per base parameter in Linears.
+    autocast_cache = 2 * lay.layers * sum(lm.numel for lm in lay.linears) + 2 * lay.lm_head_params if dt.autocast else 0
+    if dt.autocast and arch.tied:
+        autocast_cache += 2 * lay.embed_params
+    retained = layer.retained * lay.layers  # graph-held (int8), alive through the step
+    acts = layers_saved + head.saved + autocast_cache + retained
+    accum = grads if setup.grad_accum > 1 else 0  # grads persist across micro-batches
+    steady = weights + opt.in_allocator + ws
+    fwd_peak = acts + head.logits + head.fwd_transient
+    # backward: at the loss (all activations + log-softmax buffers), or later, once gradients
+    # have accumulated while one layer's activations (recomputed under checkpointing) are alive
+    bwd_loss = acts + hold + head.bwd_transient
+    layer_live = layer.saved + layer.transient
+    emb_grad = lay.embed_params * tr.bytes_per_param if tr.base_trainable else 0
+    bwd_late = grads + hold + retained + (layers_saved // lay.layers if setup.grad_checkpointing else 0) + layer_live
+    bwd_end = grads + hold + retained + emb_grad
+    bwd_peak = max(bwd_loss, bwd_late, bwd_end)
+    step_peak = grads + hold + retained + opt.step_transient
+    phases = {
+        "load": weights,
+        "forward": steady + accum + fwd_peak,
+        "backward": steady + (accum if bwd_peak == bwd_loss else 0) + bwd_peak,
+        "optimizer_step": steady + step_peak,
+    }
+    peak_phase = max(PHASES, key=lambda p: phases[p])
+    peak = phases[peak_phase]
+    parts: dict[str, int] = {
+        "weights": w.total, "adapters": adapters, "optimizer_states": opt.in_allocator, "cublas_workspace": ws,
+        "gradients": 0, "activations": 0, "logits_and_loss": 0, "transients": 0,
+    }
+    if peak_phase == "forward":
+        parts.update(gradients=accum, activations=acts - head.saved,
+                     logits_and_loss=head.saved + head.logits, transients=head.fwd_transient)
+    elif peak_phase == "backward":
+        if bwd_peak == bwd_loss:
+            parts.update(gradients=accum, activations=acts - head.saved,
+                         logits_and_loss=head.saved + hold, transients=head.bwd_transient)
+        elif bwd_peak == bwd_late:
+            parts.update(gradients=grads, activations=bwd_late - grads - hold - layer.transient,
+                         logits_and_loss=hold, transients=layer.transient)
+        else:
+            parts.update(gradients=grads, activations=retained, logits_and_loss=hold, transients=emb_grad)
+    elif peak_phase == "optimizer_step":
+        parts.update(gradients=grads, activations=retained, logits_and_loss=hold, transients=opt.step_transient)
+    else:
+        parts = {"weights": w.total, "adapters": adapters}
+    assert sum(parts.values()) == peak, (parts, peak)
+    reserved = int(peak * (1 + RESERVED_OVERHEAD)) + RESERVED_FLOOR
+    outside = {"cuda_context": context_bytes}
+    if opt.managed:
+        outside["paged_optimizer_states (CUDA managed memory)"] = opt.managed
+    return Estimate(
+        model=spec.name, params_total=spec.params_total, params_trainable=tr.params, setup=setup,
+        breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
+        peak_reserved_bytes=reserved, device_total_bytes=reserved + sum(outside.values()),
+        outside_allocator=outside,
+    )
+
+
+def estimate(model: str | Path | ModelSpec, method: str = "full", *, batch_size: int = 1, seq_len: int = 2048,
+             dtype: str | None = None, precision: str = "pure", optimizer: str = "adamw",
+             grad_checkpointing: bool = False, attn: str = "sdpa", lora_rank: int = 16, lora_alpha: float | None = None,
+             lora_dropout: float = 0.05, lora_targets: str | list[str] | tuple[str, ...] = "all-linear",
+             galore_rank: int = 128, prefix_tokens: int = 20, prefix_projection: bool = False,
+             double_quant: bool = True, kbit_prepare: bool = True, grad_accum: int = 1, hold_outputs: bool = True,
+             trust_remote_code: bool = False) -> Estimate:
+    """Estimate the GPU memory of one fine-tuning step.
+
+    `model` is a catalogue name or alias (`vramplan models`), a path to a config.json (file or
+    directory), a hub id (needs transformers and a reachable hub or cache), or a ModelSpec.
+    """
+    spec = resolve_model(model, trust_remote_code=trust_remote_code)
+    setup = make_setup(spec, method=method, dtype=dtype, precision=precision, optimizer=optimizer,
+                       batch_size=batch_size, seq_len=seq_len, grad_checkpointing=grad_checkpointing, attn=attn,
+                       lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+                       galore_rank=galore_rank, prefix_tokens=prefix_tokens, prefix_projection=prefix_projection,
+                       double_quant=double_quant, kbit_prepare=kbit_prepare, grad_accum=grad_accum,
+                       hold_outputs=hold_outputs)
+    return estimate_setup(spec, setup)

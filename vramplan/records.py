@@ -1,0 +1,98 @@
+"""Measurement records (JSONL under data/measurements) and their re-estimation. No torch."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vramplan.arch import arch_from_hf_config, build_spec
+from vramplan.datafiles import data_dir
+from vramplan.estimator import Estimate, estimate_setup
+from vramplan.profiler.reference import reference_options
+from vramplan.setup import Setup, make_setup
+
+SETUP_KEYS = tuple(Setup.__dataclass_fields__)
+
+
+def measurement_files() -> list[Path]:
+    return sorted((data_dir() / "measurements").glob("*.jsonl"))
+
+
+def load_records(paths: list[Path] | None = None) -> list[dict[str, Any]]:
+    out = []
+    for p in paths if paths is not None else measurement_files():
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out.append(json.loads(line))
+    return out
+
+
+def load_reference(path: Path) -> list[dict[str, Any]]:
+    """shared/reference/h100_reference.jsonl in the record schema of data/measurements."""
+    recs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        opts = reference_options(r["case"], r["arch_config"])
+        opts["lora_targets"] = opts.get("lora_targets", "all-linear")
+        setup = {"name": "ref-" + r["case"]["name"], "model": r["case"]["arch"], "hf_config": r["arch_config"], **opts}
+        recs.append({**r, "setup": setup, "status": "ok", "concurrent": False, "source": str(path)})
+    return recs
+
+
+def record_estimate(rec: dict[str, Any]) -> Estimate:
+    """Re-estimate a record from the setup it carries."""
+    s = rec["setup"]
+    spec = build_spec(arch_from_hf_config(s["hf_config"], s.get("model", "custom")))
+    opts = {k: s[k] for k in SETUP_KEYS if k in s}
+    opts["lora_targets"] = s.get("lora_targets") or "all-linear"
+    return estimate_setup(spec, make_setup(spec, **opts))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    method: str
+    measured: int
+    estimated: int
+    measured_phase: str
+    estimated_phase: str
+
+    @property
+    def error(self) -> float:
+        return self.estimated / self.measured - 1
+
+
+def _measured_phase(rec: dict[str, Any]) -> str:
+    st = max(rec["steps"], key=lambda x: x["peak"])
+    if st["peak"] > st["peak_bwd"]:
+        return "optimizer_step"
+    return "backward" if st["peak_bwd"] > st["peak_fwd"] else "forward"
+
+
+def compare(records: list[dict[str, Any]]) -> list[Comparison]:
+    out = []
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        e = record_estimate(r)
+        out.append(Comparison(r["setup"]["name"], r["setup"]["method"], r["peak_allocated"], e.peak_allocated_bytes,
+                              _measured_phase(r), e.peak_phase))
+    return out
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    median_abs: float
+    p90_abs: float
+    worst_abs: float
+    worst_under: float
+
+
+def summarise(comps: list[Comparison]) -> Summary:
+    errs = sorted(abs(c.error) for c in comps)
+    p90 = errs[min(len(errs) - 1, int(round(0.9 * (len(errs) - 1))))]
+    return Summary(len(comps), statistics.median(errs), p90, errs[-1], min(0.0, min(c.error for c in comps)))

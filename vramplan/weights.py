@@ -1,0 +1,64 @@
+"""Bytes of the model's parameters on the device, by dtype and quantisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramplan.layout import Layout
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+# bitsandbytes 4-bit (NF4/FP4): two values per byte; one absmax per block of 64 values
+# (bitsandbytes/nn/modules.py Params4bit blocksize=64). Without double quantisation absmax is fp32;
+# with it, absmax is stored as uint8 plus one fp32 absmax per 256 of them and a 256-entry fp32 code
+# (bitsandbytes/functional.py quantize_4bit, compress_statistics=True).
+NF4_BLOCK = 64
+DQ_BLOCK = 256
+CODE_BYTES = 256 * 4
+# LLM.int8 (bitsandbytes Int8Params): int8 weight plus one fp32 scale (SCB) per output row.
+# Every allocation is rounded up to 512 bytes by PyTorch's CUDA caching allocator
+# (c10/cuda/CUDACachingAllocator.cpp kMinBlockSize), which matters for the many small statistics.
+ALLOC_ROUND = 512
+
+
+def _round(nbytes: int) -> int:
+    return -(-nbytes // ALLOC_ROUND) * ALLOC_ROUND
+
+
+def quantised_linear_bytes(*, d_in: int, d_out: int, dtype: str, double_quant: bool) -> int:
+    """Bytes of one quantised Linear weight with its statistics."""
+    n = d_in * d_out
+    if dtype == "int8":
+        return _round(n) + _round(4 * d_out)
+    blocks = -(-n // NF4_BLOCK)
+    if not double_quant:
+        return _round(n // 2) + _round(4 * blocks)
+    return _round(n // 2) + _round(blocks) + _round(4 * -(-blocks // DQ_BLOCK)) + _round(CODE_BYTES)
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Base model parameters on the device: quantised Linear weights, and everything else."""
+
+    quantised_bytes: int
+    dense_bytes: int
+    dense_params: int
+
+    @property
+    def total(self) -> int:
+        return self.quantised_bytes + self.dense_bytes
+
+
+def base_weight_bytes(*, lay: Layout, dtype: str, dense_bytes_per_param: int, double_quant: bool,
+                      quantised: bool) -> WeightBytes:
+    """Weights as loaded (and, for a quantised base, after peft's kbit preparation when
+    `dense_bytes_per_param` is 4). Only nn.Linear (and GPT-2 Conv1D) layers of the decoder are
+    quantised; embeddings, norms, biases, lm_head and fused MoE experts keep a dense dtype
+    (transformers' bitsandbytes integration skips lm_head; peft prepare_model_for_kbit_training
+    upcasts every non-quantised fp16/bf16 parameter to fp32, peft/utils/other.py)."""
+    if not quantised:
+        return WeightBytes(0, lay.params_total * dense_bytes_per_param, lay.params_total)
+    q = lay.layers * sum(quantised_linear_bytes(d_in=lm.d_in, d_out=lm.d_out, dtype=dtype, double_quant=double_quant)
+                         for lm in lay.linears)
+    dense = lay.params_total - lay.layers * sum(lm.numel for lm in lay.linears)
+    return WeightBytes(q, dense * dense_bytes_per_param, dense)
