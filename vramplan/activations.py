@@ -87,6 +87,10 @@ def _consumer_bytes(*, d_in: int, in_bytes: int, base_saves: bool, lora: bool, s
     b = 0
     if base_saves and dt.autocast and in_bytes != 2:
         b += 2 * d_in
+    if lora and dt.autocast:
+        # under autocast lora_A (an fp32 Linear) saves its own 16-bit cast of the dropout output;
+        # dropout keeps only its mask (traced: probe-l1b-lora-mixed)
+        return b + (3 if setup.lora_dropout > 0 else 2) * d_in
     if lora:
         if setup.lora_dropout > 0:
             b += 5 * d_in
@@ -142,6 +146,10 @@ def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes
         per_tok += consumer(m, mods[m].d_in, dt.norm_out, seen)
     if seen[0] and not (base and not dt.autocast):
         per_tok += dt.norm_out * H
+    if arch.qk_norm:
+        # Qwen3 q_norm/k_norm: RMSNorm over each head saves the fp32 q and k (and the normalised
+        # copies when its weight trains); rotary does not save its input
+        per_tok += 4 * (q + kv) + ((2 if dt.norm_out == 2 else 4) * (q + kv) if base else 0)
     # ---- attention core -----------------------------------------------------------------------
     kv_w = q if kernel.repeat_kv else kv
     core_tok = L * q  # query after rotary
@@ -228,8 +236,14 @@ def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes
     # its saved tensors are still alive; for eager/math the attention-score gradients too.
     width = (arch.moe_intermediate or Iw) * (arch.experts_per_token or 1)
     transient = 3 * L * width * T
-    if kernel.name in ("eager", "math"):
-        transient = max(transient, 2 * 4 * scores)
+    if kernel.name == "math":
+        # softmax backward: gradient of the probabilities, of the scores and one more
+        # score-sized buffer, all fp32, beside the saved probabilities (traced:
+        # probe-l1b-qlora-ckpt-b1s4096, 3 x b*h*s*s*4 bytes at the peak)
+        transient = max(transient, 3 * 4 * scores)
+    elif kernel.name == "eager":
+        # grad of the 16-bit probabilities, its fp32 copy and the fp32 softmax-backward output
+        transient = max(transient, (L + 4 + 4) * scores)
     return LayerActs(saved=saved, transient=transient, retained=retained)
 
 

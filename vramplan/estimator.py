@@ -109,7 +109,10 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     # have accumulated while one layer's activations (recomputed under checkpointing) are alive
     bwd_loss = acts + hold + head.bwd_transient
     layer_live = layer.saved + layer.transient
-    emb_grad = lay.embed_params * tr.bytes_per_param if tr.base_trainable else 0
+    # Tied embeddings: the lm_head's gradient becomes .grad first; the embedding's dense gradient
+    # then arrives and is accumulated out of place, so two more V x H buffers exist at that moment
+    # (measured: every tied full fine-tune peaks there when the step does not).
+    emb_grad = 2 * arch.vocab * arch.hidden * tr.bytes_per_param if (tr.base_trainable and arch.tied) else 0
     bwd_late = grads + hold + retained + (layers_saved // lay.layers if setup.grad_checkpointing else 0) + layer_live
     bwd_end = grads + hold + retained + emb_grad
     bwd_peak = max(bwd_loss, bwd_late, bwd_end)

@@ -62,18 +62,23 @@ def galore_state_bytes(tr: Trainable, setup: Setup) -> tuple[int, int]:
     r = setup.galore_rank
     pb = tr.bytes_per_param
     opt = setup.optimizer
+    # When the gradient reaching the projector is fp32 (fp32 params, or transformers' Adafactor,
+    # which upcasts 16-bit grads before GaLoreAdafactor projects them), galore_torch 1.0
+    # get_orthogonal_matrix returns Vh[:r, :] / U[:, :r] as a view, keeping the whole
+    # min(m, n) x min(m, n) fp32 factor alive (traced: probe-q05-galore-adafactor).
+    fp32_grad = pb == 4 or opt == "adafactor"
     states = 0
     projected = 0
     for m, n, count in tr.matrices:
         lo, hi = min(m, n), max(m, n)
-        proj = r * lo * pb
+        proj = lo * lo * 4 if fp32_grad else r * lo * pb
         small = r * hi
         if opt == "adamw":
             st = 2 * small * pb
         elif opt == "adamw-8bit":
             st = _adam8_bytes(small, 2)
-        else:  # adafactor on the projected gradient: row + column second moments
-            st = (r + hi) * pb
+        else:  # adafactor on the projected (fp32) gradient: row + column second moments
+            st = (r + hi) * 4
         states += count * (proj + st)
         projected += count * m * n
     return states, tr.params - projected
