@@ -36,7 +36,8 @@ def model_catalog() -> dict[str, CatalogModel]:
     out: dict[str, CatalogModel] = {}
     for row in load_yaml("models.yaml")["models"]:
         m = CatalogModel(
-            name=row["name"], aliases=tuple(row.get("aliases", ())), default_for=tuple(row.get("default_for", ())),
+            name=row["name"], aliases=tuple(str(a) for a in row.get("aliases", ())),
+            default_for=tuple(str(a) for a in row.get("default_for", ())),
             source=row["source"], config=dict(row["config"]),
         )
         if m.config.get("model_type") not in FAMILIES:
@@ -151,7 +152,7 @@ def gpu_catalog() -> dict[str, GPU]:
             raise AssertionError(f"gpu_specs.yaml: {row['name']}: missing source")
         mem = row["memory_mib"] * MiB
         out[row["name"]] = GPU(
-            name=row["name"], aliases=tuple(row.get("aliases", ())), vendor=row["vendor"], memory_bytes=mem,
+            name=row["name"], aliases=tuple(str(a) for a in row.get("aliases", ())), vendor=row["vendor"], memory_bytes=mem,
             usable_bytes=row.get("usable_mib", row["memory_mib"]) * MiB, bandwidth_gbs=float(row["bandwidth_gbs"]),
             bf16_tflops=float(row["bf16_tflops"]), bf16=bool(row.get("bf16", True)),
             price_hour_usd=row.get("price_hour_usd"), source=row["source"],

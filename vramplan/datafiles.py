@@ -18,7 +18,12 @@ def data_dir() -> Path:
         return Path(__file__).resolve().parent.parent / "data"
 
 
+# libyaml's C loader parses the catalogues ~10x faster than the pure-Python one (the CLI must
+# answer in well under 0.3 s); fall back when PyYAML was built without it.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 @cache
 def load_yaml(name: str) -> Any:
     with (data_dir() / name).open(encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=_Loader)  # noqa: S506 (a safe loader)

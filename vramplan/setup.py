@@ -8,6 +8,7 @@ from typing import Any
 
 from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError, unknown
+from vramplan.layout import layout
 
 METHODS = ("full", "lora", "qlora", "galore", "prefix", "prompt", "ia3", "bitfit")
 DTYPES = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")
@@ -72,14 +73,15 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 def resolve_targets(model: ModelSpec, targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """LoRA target modules: 'all-linear' (every Linear in the decoder layers, as peft does),
     'attention', or names as in the HF model ('q_proj,v_proj')."""
-    available = model.linear_modules()
+    lay = layout(model)
+    available = {lm.module for lm in lay.linears}
     if not available:
         raise VramplanError(f"model {model.name!r} has no Linear modules LoRA can target")
     if isinstance(targets, str):
         if targets in ("all-linear", "all"):
             return tuple(sorted(available))
         if targets in ("attention", "attn"):
-            return tuple(sorted({t.module for t in model.tensors if t.linear and t.kind == "attn" and t.layer is not None}))
+            return tuple(sorted({lm.module for lm in lay.linears if lm.kind == "attn"}))
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     out = []
     for t in targets:
@@ -121,24 +123,28 @@ def make_setup(model: ModelSpec, *, method: str = "full", dtype: str | None = No
         raise VramplanError(f"method galore supports optimizers {', '.join(GALORE_OPTIMIZERS)}, got {optimizer!r}")
     if model.arch.family == "gpt2" and seq_len > model.arch.max_positions:
         raise VramplanError(f"seq_len {seq_len} exceeds {model.name}'s learned positions ({model.arch.max_positions})")
-    if method == "bitfit" and not any(t.kind == "bias" for t in model.tensors):
+    if method == "bitfit" and not layout(model).layer_biases:
         raise VramplanError(f"method bitfit trains bias terms, and {model.name} has none")
     targets: tuple[str, ...] = ()
     if method in ("lora", "qlora"):
         _posint("lora_rank", lora_rank)
         targets = resolve_targets(model, lora_targets)
-        limit = min(min(t.shape[-2:]) for t in model.tensors if t.linear and t.module in targets and t.layer is not None)
+        limit = min(min(lm.d_in, lm.d_out) for lm in layout(model).linears if lm.module in targets)
         if lora_rank > limit:
             raise VramplanError(f"lora_rank {lora_rank} exceeds the smallest target matrix dimension ({limit}); allowed: 1..{limit}")
         if not 0.0 <= lora_dropout < 1.0:
             raise VramplanError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
     if method == "galore":
         _posint("galore_rank", galore_rank)
-        limit = min(min(t.shape) for t in model.tensors if t.linear and t.layer is not None)
+        limit = min(min(lm.d_in, lm.d_out) for lm in layout(model).linears)
         if galore_rank > limit:
             raise VramplanError(f"galore_rank {galore_rank} exceeds the smallest projected matrix dimension ({limit})")
     if method in ("prefix", "prompt"):
         _posint("prefix_tokens", prefix_tokens)
+    if method == "prefix" and grad_checkpointing:
+        # peft raises "PREFIX_TUNING does not work with gradient checkpointing" (measured:
+        # data/measurements q05-prefix-ckpt-b8s512)
+        raise VramplanError("method prefix does not work with gradient checkpointing (peft refuses it); drop --grad-checkpointing")
     return Setup(
         method=method, dtype=dtype, precision=precision, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
         grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank,
