@@ -5,11 +5,10 @@ record from getting worse."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from vramplan.datafiles import data_dir
 from vramplan.records import compare, load_records, load_reference
-
-from pathlib import Path
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "h100_reference.jsonl"
 

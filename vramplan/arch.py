@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from vramplan.errors import VramplanError
@@ -228,7 +229,7 @@ class ModelSpec:
     def name(self) -> str:
         return self.arch.name
 
-    @property
+    @cached_property
     def params_total(self) -> int:
         return sum(t.numel for t in self.tensors)
 

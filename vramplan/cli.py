@@ -1,6 +1,6 @@
 """The command line: parse -> build the setup -> call the library -> render. No arithmetic here."""
 
-from __future__ import annotations
+
 
 import json
 import sys
@@ -27,7 +27,8 @@ Batch = Annotated[int, typer.Option("--batch-size", "-b", help="micro-batch size
 Seq = Annotated[int, typer.Option("--seq-len", "-s", help="sequence length (tokens)")]
 Dtype = Annotated[str | None, typer.Option(help="base weights: fp32, fp16, bf16, int8, nf4, fp4 (qlora: nf4)")]
 Precision = Annotated[str, typer.Option(help="pure, mixed (fp32 master weights + autocast), fp32")]
-Optim = Annotated[str, typer.Option("--optimizer", "-o", help="adamw, adamw-fused, adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor, lion, lion-8bit")]
+Optim = Annotated[str, typer.Option("--optimizer", "-o", help="adamw, adamw-fused, adamw-8bit, paged-adamw, paged-adamw-8bit, "
+                                    "sgd, sgd-momentum, adafactor, lion, lion-8bit")]
 Ckpt = Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="non-reentrant activation checkpointing")]
 Attn = Annotated[str, typer.Option(help="sdpa, flash, eager")]
 Rank = Annotated[int, typer.Option(help="LoRA rank")]
@@ -82,13 +83,14 @@ def models(json_: Json = False) -> None:
     if json_:
         print(json.dumps(rows, indent=1))
         return
-    t = Table(title="vramplan model catalogue", title_justify="left")
-    for c in ("name", "params", "type", "layers", "hidden", "heads/kv", "vocab", "default for", "aliases"):
-        t.add_column(c, justify="right" if c in ("params", "layers", "hidden", "vocab") else "left")
+    t = Table(title="vramplan model catalogue (`--model 70b` picks the model whose 'default for' says 70b)",
+              title_justify="left")
+    for c in ("name", "params", "type", "layers", "hidden", "heads/kv", "vocab", "default for"):
+        t.add_column(c, justify="right" if c in ("params", "layers", "hidden", "vocab") else "left",
+                     no_wrap=c in ("name", "default for"))
     for r in rows:
         t.add_row(r["name"], fmt_count(r["params"]), r["model_type"], str(r["layers"]), str(r["hidden"]),
-                  f"{r['heads']}/{r['kv_heads']}", str(r["vocab"]), ", ".join(r["default_for"]),
-                  ", ".join(a for a in r["aliases"] if "/" not in a))
+                  f"{r['heads']}/{r['kv_heads']}", str(r["vocab"]), ", ".join(r["default_for"]))
     out.print(t)
 
 

@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-def data_dir() -> Path:
-    """The data/ folder: packaged as `vramplan.data` in a wheel, the repo's data/ in a checkout."""
-    try:
-        return Path(str(resources.files("vramplan.data")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "data"
-
-
 # libyaml's C loader parses the catalogues ~10x faster than the pure-Python one (the CLI must
 # answer in well under 0.3 s); fall back when PyYAML was built without it.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_HERE = Path(__file__).resolve().parent
+
+
+@cache
+def data_dir() -> Path:
+    """The data/ folder: `vramplan/data` in an installed wheel (pyproject maps the repo's data/
+    there), the repo's data/ in a source checkout or an editable install."""
+    for cand in (_HERE / "data", _HERE.parent / "data"):
+        if (cand / "models.yaml").is_file():
+            return cand
+    raise FileNotFoundError(f"vramplan data files not found beside {_HERE}")
 
 
 @cache
 def load_yaml(name: str) -> Any:
     with (data_dir() / name).open(encoding="utf-8") as fh:
-        return yaml.load(fh, Loader=_Loader)  # noqa: S506 (a safe loader)
+        return yaml.load(fh, Loader=_Loader)

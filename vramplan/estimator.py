@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vramplan.activations import checkpoint_bytes, head_activations, layer_activations, attention_kernel, stream_dtypes
+from vramplan.activations import attention_kernel, checkpoint_bytes, head_activations, layer_activations, stream_dtypes
 from vramplan.arch import ModelSpec
 from vramplan.catalog import resolve_model
 from vramplan.layout import layout

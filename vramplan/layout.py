@@ -4,7 +4,6 @@ estimator works on one layer's Linear modules times the layer count, never on ev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 from vramplan.arch import ModelSpec
 
@@ -39,9 +38,22 @@ class Layout:
     tensor_count: int
 
 
-@cache
+# Keyed by identity: hashing a ModelSpec walks its whole tensor inventory, which would cost more
+# than the estimate itself. The spec is kept in the value so its id cannot be reused.
+_CACHE: dict[int, tuple[ModelSpec, Layout]] = {}
+
+
 def layout(spec: ModelSpec) -> Layout:
-    """Summarise `spec` (cached per spec; specs are frozen and hashable)."""
+    """Summarise `spec` (computed once per spec object)."""
+    hit = _CACHE.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    lay = _layout(spec)
+    _CACHE[id(spec)] = (spec, lay)
+    return lay
+
+
+def _layout(spec: ModelSpec) -> Layout:
     first = [t for t in spec.tensors if t.layer == 0]
     biases = {t.module for t in first if t.kind == "bias"}
     linears = []

@@ -50,7 +50,8 @@ class Plan:
 
 def _changes(req: Setup, s: Setup) -> tuple[str, ...]:
     out = []
-    for k in ("method", "dtype", "optimizer", "lora_rank", "grad_checkpointing", "batch_size", "seq_len", "grad_accum"):
+    for k in ("method", "dtype", "precision", "optimizer", "lora_rank", "grad_checkpointing", "batch_size", "seq_len",
+              "grad_accum"):
         a, b = getattr(req, k), getattr(s, k)
         if a != b:
             out.append(f"{k}: {a} -> {b}")
@@ -65,9 +66,11 @@ def search_space(spec: ModelSpec, req: Setup, *, methods: tuple[str, ...] | None
     opts_by_method = {
         "full": ("adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "adafactor"),
         "galore": ("adamw", "adamw-8bit"),
+        "lora": ("adamw", "adamw-8bit", "paged-adamw-8bit"),
+        "qlora": ("adamw", "adamw-8bit", "paged-adamw-8bit"),
     }
-    dtypes_by_method = {"lora": ("bf16", "int8"), "qlora": ("nf4",)}
-    ranks = (req.lora_rank,) if req.method in ("lora", "qlora") else (16,)
+    dtypes_by_method = {"lora": ("bf16", "int8"), "qlora": ("nf4", "fp4")}
+    ranks = tuple(sorted({req.lora_rank, 8, 16, 64}))
     seqs = (req.seq_len,) if maximize in ("batch-size",) else tuple(sorted({*SEQS, req.seq_len}))
     if maximize == "tokens":
         seqs = (req.seq_len,)
@@ -75,12 +78,16 @@ def search_space(spec: ModelSpec, req: Setup, *, methods: tuple[str, ...] | None
     step_tokens = req.batch_size * req.grad_accum
     out = []
     for m in meths:
+        precisions = ("pure", "mixed") if m == "full" else ("pure",)
         for dt in dtypes_by_method.get(m, (req.dtype if req.dtype not in ("int8", "nf4", "fp4") else "bf16",)):
-            for opt in opts_by_method.get(m, ("adamw", "paged-adamw-8bit")):
+            for prec, opt in itertools.product(precisions, opts_by_method.get(m, ("adamw", "paged-adamw-8bit"))):
                 for r, ck, b, s in itertools.product(ranks if m in ("lora", "qlora") else (req.lora_rank,),
                                                      (False, True), batches, seqs):
-                    out.append(replace(req, method=m, dtype=dt, optimizer=opt, lora_rank=r, grad_checkpointing=ck,
-                                       batch_size=b, seq_len=s, grad_accum=max(1, step_tokens // b)))
+                    if m == "prefix" and ck:
+                        continue
+                    out.append(replace(req, method=m, dtype=dt, precision=prec, optimizer=opt, lora_rank=r,
+                                       grad_checkpointing=ck, batch_size=b, seq_len=s,
+                                       grad_accum=max(1, step_tokens // b)))
     return out
 
 
@@ -110,14 +117,14 @@ def plan(spec: ModelSpec, req: Setup, gpu: GPU, *, objective: str = "tokens", ma
         key = (lambda c: (-c.setup.seq_len, -c.tokens, c.setup.grad_checkpointing, len(c.changes))) if maximize == "seq-len" \
             else (lambda c: (-c.tokens, c.setup.grad_checkpointing, len(c.changes), c.estimate.device_total_bytes))
     elif objective == "memory":
-        key = lambda c: (c.estimate.device_total_bytes, len(c.changes))  # noqa: E731
+        key = lambda c: (c.estimate.device_total_bytes, len(c.changes))
     else:
-        key = lambda c: (len(c.changes), -c.tokens, c.estimate.device_total_bytes)  # noqa: E731
+        key = lambda c: (len(c.changes), -c.tokens, c.estimate.device_total_bytes)
     fitting.sort(key=key)
     # one best candidate per (method, dtype, optimizer, ckpt) so the list shows real alternatives
     seen, best = set(), []
     for c in fitting:
-        k = (c.setup.method, c.setup.dtype, c.setup.optimizer, c.setup.grad_checkpointing)
+        k = (c.setup.method, c.setup.dtype, c.setup.precision, c.setup.optimizer, c.setup.grad_checkpointing)
         if k not in seen:
             seen.add(k)
             best.append(c)

@@ -94,5 +94,5 @@ class Summary:
 
 def summarise(comps: list[Comparison]) -> Summary:
     errs = sorted(abs(c.error) for c in comps)
-    p90 = errs[min(len(errs) - 1, int(round(0.9 * (len(errs) - 1))))]
+    p90 = errs[min(len(errs) - 1, round(0.9 * (len(errs) - 1)))]
     return Summary(len(comps), statistics.median(errs), p90, errs[-1], min(0.0, min(c.error for c in comps)))

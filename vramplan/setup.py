@@ -86,7 +86,7 @@ def resolve_targets(model: ModelSpec, targets: str | list[str] | tuple[str, ...]
     out = []
     for t in targets:
         if t not in available:
-            raise unknown("LoRA target module", t, sorted(available) + ["all-linear", "attention"])
+            raise unknown("LoRA target module", t, [*sorted(available), "all-linear", "attention"])
         out.append(t)
     if not out:
         raise VramplanError("lora_targets is empty; allowed: all-linear, attention, or module names")
@@ -115,7 +115,7 @@ def make_setup(model: ModelSpec, *, method: str = "full", dtype: str | None = No
     if dtype in QUANTISED and method not in ADAPTER_METHODS:
         raise VramplanError(f"method {method!r} trains the base weights, which cannot be {dtype}; "
                             f"with a quantised base use one of: {', '.join(ADAPTER_METHODS)}")
-    if precision == "fp32" and dtype not in ("fp32",) + QUANTISED:
+    if precision == "fp32" and dtype not in ("fp32", *QUANTISED):
         raise VramplanError(f"precision fp32 keeps weights in fp32, but dtype is {dtype!r}; use dtype fp32 or precision pure/mixed")
     if precision == "mixed" and dtype == "fp32":
         raise VramplanError("precision mixed computes in bf16/fp16: give dtype bf16 or fp16 (weights are kept in fp32)")

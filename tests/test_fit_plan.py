@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import vramplan
+from vramplan.catalog import resolve_gpu, resolve_model
+from vramplan.errors import VramplanError
+from vramplan.estimator import estimate_setup
+from vramplan.plan import plan, search_space
+from vramplan.setup import make_setup
+
+
+def test_fit_verdicts_follow_device_total():
+    res = vramplan.fit("llama-3.1-70b", "qlora", grad_checkpointing=True, gpus=["RTX-4090", "H100", "H200"])
+    verdicts = {r.gpu.name: r.verdict for r in res.rows}
+    assert verdicts["RTX-4090"] == "does not fit"
+    assert verdicts["H200"] == "fits"
+    for r in res.rows:
+        assert r.needed_bytes == res.estimate.device_total_bytes
+        assert (r.headroom_bytes >= 0) == (r.verdict != "does not fit")
+
+
+def test_fit_rejects_unknown_gpu_with_suggestion():
+    with pytest.raises(VramplanError, match="did you mean"):
+        vramplan.fit("8b", "lora", gpus=["RTX-4900"])
+
+
+def test_planned_setups_fit_and_one_step_larger_does_not():
+    spec = resolve_model("llama-3.1-8b")
+    gpu = resolve_gpu("RTX-4090")
+    req = make_setup(spec, method="qlora", seq_len=2048)
+    p = plan(spec, req, gpu, keep_method=True)
+    assert p.candidates
+    cap = gpu.usable_bytes * 0.9
+    for c in p.candidates:
+        assert estimate_setup(spec, c.setup).device_total_bytes <= cap
+    best = p.candidates[0]
+    bigger = replace(best.setup, batch_size=best.setup.batch_size * 2)
+    assert estimate_setup(spec, bigger).device_total_bytes > cap or best.setup.batch_size == 128
+
+
+def test_maximize_seq_len_finds_the_longest_sequence_that_fits():
+    spec = resolve_model("llama-3.2-1b")
+    gpu = resolve_gpu("RTX-4090")
+    req = make_setup(spec, method="lora", batch_size=1)
+    p = plan(spec, req, gpu, maximize="seq-len", keep_method=True)
+    best = p.candidates[0]
+    assert best.setup.batch_size == 1
+    longer = replace(best.setup, seq_len=best.setup.seq_len * 2)
+    for ck in (False, True):
+        assert estimate_setup(spec, replace(longer, grad_checkpointing=ck)).device_total_bytes > gpu.usable_bytes * 0.9
+
+
+def test_search_is_exhaustive_over_its_stated_space():
+    spec = resolve_model("llama-3.2-1b")
+    req = make_setup(spec, method="lora")
+    space = search_space(spec, req, methods=None, maximize="tokens", keep_method=False)
+    # full: 2 precisions x 5 optimizers; lora: 2 dtypes x 3 optimizers x 3 ranks; qlora: 2 dtypes x
+    # 3 optimizers x 3 ranks; galore: 2 optimizers; each x 2 checkpointing x 8 batch sizes
+    assert len(space) == (10 + 18 + 18 + 2) * 2 * 8
+    assert len(set(space)) == len(space)
+
+
+def test_plan_is_fast_enough_for_thousands_of_setups():
+    import time
+
+    t = time.perf_counter()
+    p = vramplan.plan("llama-3.1-8b", "A100-40GB", maximize="seq-len", batch_size=1)
+    assert p.searched >= 400
+    assert time.perf_counter() - t < 5  # generous for CI; the benchmark reports the real figure
