@@ -36,9 +36,9 @@ def test_planned_setups_fit_and_one_step_larger_does_not():
     cap = gpu.usable_bytes * 0.9
     for c in p.candidates:
         assert estimate_setup(spec, c.setup).device_total_bytes <= cap
-    best = p.candidates[0]
-    bigger = replace(best.setup, batch_size=best.setup.batch_size * 2)
-    assert estimate_setup(spec, bigger).device_total_bytes > cap or best.setup.batch_size == 128
+    for c in p.candidates:  # one more sequence per micro-batch does not fit
+        bigger = replace(c.setup, batch_size=c.setup.batch_size + 1)
+        assert estimate_setup(spec, bigger).device_total_bytes > cap
 
 
 def test_maximize_seq_len_finds_the_longest_sequence_that_fits():
@@ -47,19 +47,19 @@ def test_maximize_seq_len_finds_the_longest_sequence_that_fits():
     req = make_setup(spec, method="lora", batch_size=1)
     p = plan(spec, req, gpu, maximize="seq-len", keep_method=True)
     best = p.candidates[0]
-    assert best.setup.batch_size == 1
-    longer = replace(best.setup, seq_len=best.setup.seq_len * 2)
-    for ck in (False, True):
-        assert estimate_setup(spec, replace(longer, grad_checkpointing=ck)).device_total_bytes > gpu.usable_bytes * 0.9
+    assert best.setup.batch_size == 1 and best.setup.seq_len % 64 == 0
+    assert estimate_setup(spec, best.setup).device_total_bytes <= gpu.usable_bytes * 0.9
+    for c in p.candidates:
+        assert estimate_setup(spec, replace(c.setup, seq_len=c.setup.seq_len + 64)).device_total_bytes > gpu.usable_bytes * 0.9
 
 
 def test_search_is_exhaustive_over_its_stated_space():
     spec = resolve_model("llama-3.2-1b")
     req = make_setup(spec, method="lora")
-    space = search_space(spec, req, methods=None, maximize="tokens", keep_method=False)
+    space = search_space(spec, req, methods=None, keep_method=False)
     # full: 2 precisions x 5 optimizers; lora: 2 dtypes x 3 optimizers x 3 ranks; qlora: 2 dtypes x
-    # 3 optimizers x 3 ranks; galore: 2 optimizers; each x 2 checkpointing x 8 batch sizes
-    assert len(space) == (10 + 18 + 18 + 2) * 2 * 8
+    # 3 optimizers x 3 ranks; galore: 2 optimizers; each with and without checkpointing
+    assert len(space) == (10 + 18 + 18 + 2) * 2
     assert len(set(space)) == len(space)
 
 
@@ -68,5 +68,5 @@ def test_plan_is_fast_enough_for_thousands_of_setups():
 
     t = time.perf_counter()
     p = vramplan.plan("llama-3.1-8b", "A100-40GB", maximize="seq-len", batch_size=1)
-    assert p.searched >= 400
+    assert p.searched >= 1000
     assert time.perf_counter() - t < 5  # generous for CI; the benchmark reports the real figure

@@ -253,13 +253,15 @@ def plan_cmd(model: Model = "8b", gpu: Annotated[str, typer.Option(help="target 
         out.print("[red]nothing in the search space fits; try a larger GPU (`vramplan fit`)")
         return
     t = Table()
-    for c in ("#", "method", "base", "optimizer", "ckpt", "batch", "seq", "accum", "device GiB", "changes"):
-        t.add_column(c)
+    for c in ("#", "method", "base", "rank", "precision", "optimizer", "ckpt", "batch", "seq", "accum", "device GiB"):
+        t.add_column(c, no_wrap=True)
     for i, c in enumerate(p.candidates, 1):
         s = c.setup
-        t.add_row(str(i), s.method, s.dtype, s.optimizer, "yes" if s.grad_checkpointing else "no", str(s.batch_size),
-                  str(s.seq_len), str(s.grad_accum), _gib(c.estimate.device_total_bytes), "; ".join(c.changes) or "-")
+        rank = str(s.lora_rank) if s.method in ("lora", "qlora") else "-"
+        t.add_row(str(i), s.method, s.dtype, rank, s.precision, s.optimizer, "yes" if s.grad_checkpointing else "no",
+                  str(s.batch_size), str(s.seq_len), str(s.grad_accum), _gib(c.estimate.device_total_bytes))
     out.print(t)
+    out.print("[dim]`--json` lists, for each, what changed from the request[/]")
 
 
 def _profile_setup(model: str, opts: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,8 +16,8 @@ from vramplan.setup import Setup, make_setup
 
 OBJECTIVES = ("tokens", "memory", "fewest-changes")
 MAXIMIZE = ("tokens", "seq-len", "batch-size")
-BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
-SEQS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+MAX_BATCH = 4096
+MAX_SEQ = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Candidate:
 class Plan:
     gpu: GPU
     request: Setup
-    searched: int
+    searched: int  # estimates evaluated
     candidates: tuple[Candidate, ...]  # fitting setups, best first
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,10 +59,9 @@ def _changes(req: Setup, s: Setup) -> tuple[str, ...]:
     return tuple(out)
 
 
-def search_space(spec: ModelSpec, req: Setup, *, methods: tuple[str, ...] | None, maximize: str,
-                 keep_method: bool) -> list[Setup]:
-    """Every setup the planner considers: methods, base dtypes, ranks, optimizers, checkpointing,
-    batch and sequence sizes (gradient accumulation keeps the requested tokens per optimizer step)."""
+def search_space(spec: ModelSpec, req: Setup, *, methods: tuple[str, ...] | None, keep_method: bool) -> list[Setup]:
+    """Every configuration the planner considers (method, base dtype, precision, optimizer, LoRA
+    rank, checkpointing); batch size or sequence length is then maximised for each by bisection."""
     meths = methods or ((req.method,) if keep_method else ("full", "lora", "qlora", "galore"))
     opts_by_method = {
         "full": ("adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "adafactor"),
@@ -71,61 +71,83 @@ def search_space(spec: ModelSpec, req: Setup, *, methods: tuple[str, ...] | None
     }
     dtypes_by_method = {"lora": ("bf16", "int8"), "qlora": ("nf4", "fp4")}
     ranks = tuple(sorted({req.lora_rank, 8, 16, 64}))
-    seqs = (req.seq_len,) if maximize in ("batch-size",) else tuple(sorted({*SEQS, req.seq_len}))
-    if maximize == "tokens":
-        seqs = (req.seq_len,)
-    batches = (req.batch_size,) if maximize == "seq-len" else BATCHES
-    step_tokens = req.batch_size * req.grad_accum
     out = []
     for m in meths:
         precisions = ("pure", "mixed") if m == "full" else ("pure",)
         for dt in dtypes_by_method.get(m, (req.dtype if req.dtype not in ("int8", "nf4", "fp4") else "bf16",)):
             for prec, opt in itertools.product(precisions, opts_by_method.get(m, ("adamw", "paged-adamw-8bit"))):
-                for r, ck, b, s in itertools.product(ranks if m in ("lora", "qlora") else (req.lora_rank,),
-                                                     (False, True), batches, seqs):
+                for r, ck in itertools.product(ranks if m in ("lora", "qlora") else (req.lora_rank,), (False, True)):
                     if m == "prefix" and ck:
                         continue
-                    out.append(replace(req, method=m, dtype=dt, precision=prec, optimizer=opt, lora_rank=r,
-                                       grad_checkpointing=ck, batch_size=b, seq_len=s,
-                                       grad_accum=max(1, step_tokens // b)))
+                    out.append(replace(req, method=m, dtype=dt, precision=prec, optimizer=opt, lora_rank=r, grad_checkpointing=ck))
     return out
+
+
+def _largest(fits: Callable[[int], Estimate | None], lo: int, hi: int, step: int) -> tuple[int, Estimate | None, int]:
+    """The largest multiple of `step` in [lo, hi] for which fits() returns an estimate (memory is
+    monotone in batch and sequence length), by bisection. Returns (value, estimate, evaluations)."""
+    evals = 1
+    best = fits(lo)
+    if best is None:
+        return 0, None, evals
+    good, bad = lo, hi + step
+    while bad - good > step:
+        mid = (good + bad) // 2 // step * step
+        if mid <= good:
+            mid = good + step
+        evals += 1
+        e = fits(mid)
+        if e is not None:
+            good, best = mid, e
+        else:
+            bad = mid
+    return good, best, evals
 
 
 def plan(spec: ModelSpec, req: Setup, gpu: GPU, *, objective: str = "tokens", maximize: str = "tokens",
          methods: tuple[str, ...] | None = None, keep_method: bool = False, limit: int = 10,
          headroom: float = 1 - TIGHT_SHARE) -> Plan:
-    """Ranked setups that fit `gpu` with `headroom` spare. Objective 'tokens' (default): the most
-    tokens per micro-step, then no recomputation, then fewest changes; 'memory': the least device
-    memory; 'fewest-changes': closest to the request. `maximize` picks what may grow."""
+    """Ranked setups that fit `gpu` with `headroom` spare. For each configuration of the search
+    space, the batch size (maximize 'tokens' / 'batch-size', sequence length as requested) or the
+    sequence length (maximize 'seq-len', in steps of 64, batch as requested) is pushed to the
+    largest that fits; gradient accumulation keeps the requested sequences per optimizer step.
+    Objective 'tokens' (default): most tokens per micro-step, then no recomputation, then fewest
+    changes; 'memory': least device memory; 'fewest-changes': closest to the request."""
     if objective not in OBJECTIVES:
         raise VramplanError(f"unknown objective {objective!r}: allowed: {', '.join(OBJECTIVES)}")
     if maximize not in MAXIMIZE:
         raise VramplanError(f"unknown quantity to maximize {maximize!r}: allowed: {', '.join(MAXIMIZE)}")
     cap = gpu.usable_bytes * (1 - headroom)
-    fitting = []
-    space = search_space(spec, req, methods=methods, maximize=maximize, keep_method=keep_method)
-    for s in space:
+    step_seqs = req.batch_size * req.grad_accum
+    configs = search_space(spec, req, methods=methods, keep_method=keep_method)
+    fitting: list[Candidate] = []
+    evaluations = 0
+    for cfg in configs:
         try:
-            s = make_setup(spec, **{k: getattr(s, k) for k in Setup.__dataclass_fields__ if k != "lora_targets"},
-                           lora_targets=req.lora_targets or "all-linear")
+            base = make_setup(spec, **{k: getattr(cfg, k) for k in Setup.__dataclass_fields__ if k != "lora_targets"},
+                              lora_targets=req.lora_targets or "all-linear")
         except VramplanError:
             continue
-        e = estimate_setup(spec, s)
-        if e.device_total_bytes <= cap:
-            fitting.append(Candidate(s, e, _changes(req, s)))
+
+        def fits(n: int, base: Setup = base) -> Estimate | None:
+            s = replace(base, seq_len=n) if maximize == "seq-len" else replace(base, batch_size=n, grad_accum=max(1, step_seqs // n))
+            e = estimate_setup(spec, s)
+            return e if e.device_total_bytes <= cap else None
+
+        if maximize == "seq-len":
+            hi = spec.arch.max_positions if spec.arch.family == "gpt2" else MAX_SEQ
+            n, e, k = _largest(fits, 64, hi, 64)
+        else:
+            n, e, k = _largest(fits, 1, MAX_BATCH, 1)
+        evaluations += k
+        if e is not None:
+            fitting.append(Candidate(e.setup, e, _changes(req, e.setup)))
     if objective == "tokens":
         key = (lambda c: (-c.setup.seq_len, -c.tokens, c.setup.grad_checkpointing, len(c.changes))) if maximize == "seq-len" \
             else (lambda c: (-c.tokens, c.setup.grad_checkpointing, len(c.changes), c.estimate.device_total_bytes))
     elif objective == "memory":
-        key = lambda c: (c.estimate.device_total_bytes, len(c.changes))
+        key = lambda c: (c.estimate.device_total_bytes, len(c.changes))  # noqa: E731
     else:
-        key = lambda c: (len(c.changes), -c.tokens, c.estimate.device_total_bytes)
+        key = lambda c: (len(c.changes), -c.tokens, c.estimate.device_total_bytes)  # noqa: E731
     fitting.sort(key=key)
-    # one best candidate per (method, dtype, optimizer, ckpt) so the list shows real alternatives
-    seen, best = set(), []
-    for c in fitting:
-        k = (c.setup.method, c.setup.dtype, c.setup.precision, c.setup.optimizer, c.setup.grad_checkpointing)
-        if k not in seen:
-            seen.add(k)
-            best.append(c)
-    return Plan(gpu, req, len(space), tuple(best[:limit]))
+    return Plan(gpu, req, evaluations, tuple(fitting[:limit]))

@@ -1,0 +1,35 @@
+"""Print the README's accuracy table: estimate vs measured peak allocated, per method, over every
+committed record (and the shared reference when it is beside the checkout)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from vramplan.records import compare, load_records, load_reference, summarise
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "h100_reference.jsonl"
+
+
+def main() -> None:
+    recs = load_records()
+    comps = compare(recs)
+    by: dict[str, list] = defaultdict(list)
+    for c in comps:
+        by[c.method].append(c)
+    print("| method | records | median abs error | worst abs error | worst under-estimate |")
+    print("|---|---:|---:|---:|---:|")
+    for m in ("full", "lora", "qlora", "galore", "prefix", "prompt", "ia3", "bitfit"):
+        if by.get(m):
+            s = summarise(by[m])
+            print(f"| {m} | {s.n} | {100 * s.median_abs:.2f}% | {100 * s.worst_abs:.2f}% | {100 * s.worst_under:.2f}% |")
+    s = summarise(comps)
+    print(f"| **all** | {s.n} | {100 * s.median_abs:.2f}% | {100 * s.worst_abs:.2f}% | {100 * s.worst_under:.2f}% |")
+    print(f"\np90 abs error over all records: {100 * s.p90_abs:.2f}%")
+    if REF.exists():
+        r = summarise(compare(load_reference(REF)))
+        print(f"shared reference (8 H100 runs): median {100 * r.median_abs:.2f}%, worst {100 * r.worst_abs:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
