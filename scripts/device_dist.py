@@ -22,7 +22,10 @@ CASES = [
 
 def main() -> None:
     out = sys.argv[1]
+    only = sys.argv[2] if len(sys.argv) > 2 else ""
     for name, model, par in CASES:
+        if only and only not in name:
+            continue
         spec = resolve_model(model)
         s = profiler_setup(spec, make_setup(spec, method="full", batch_size=4, seq_len=2048, grad_checkpointing=True,
                                             optimizer="adamw-fused"), name=name, steps=3, **par)
