@@ -92,7 +92,8 @@ def run(setup: dict[str, Any], steps: int = 3) -> dict[str, Any]:
 
         deepspeed.init_distributed(dist_backend="nccl")
         # ZeRO-3 partitions at construction (zero.Init) so no rank ever holds the whole model
-        ctx = deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}) \
+        ctx = deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "bf16": {"enabled": True},
+                                                       "train_micro_batch_size_per_gpu": setup["batch_size"]}) \
             if setup["zero"] == 3 else torch.device("cpu")
         with ctx:
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
