@@ -19,7 +19,7 @@ def main() -> None:
         by[c.method].append(c)
     print("| method | records | median abs error | worst abs error | worst under-estimate |")
     print("|---|---:|---:|---:|---:|")
-    for m in ("full", "lora", "qlora", "galore", "prefix", "prompt", "ia3", "bitfit"):
+    for m in ("full", "lora", "qlora", "galore", "prefix", "prompt", "ia3", "bitfit", "full (deepspeed)", "full (fsdp)"):
         if by.get(m):
             s = summarise(by[m])
             print(f"| {m} | {s.n} | {100 * s.median_abs:.2f}% | {100 * s.worst_abs:.2f}% | {100 * s.worst_under:.2f}% |")

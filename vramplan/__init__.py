@@ -27,6 +27,16 @@ def fit(model: Any = None, method: str = "full", *, gpus: list[str] | None = Non
     return _fit(est, gpus)
 
 
+def estimate_parallel(model: Any, method: str = "full", *, gpus: int = 1, nodes: int = 1, zero: int = 0,
+                      fsdp: str | None = None, offload: str = "none", **options: Any) -> Any:
+    """Per-GPU and host memory under data parallel / DeepSpeed ZeRO / FSDP (see vramplan.distributed)."""
+    from vramplan.distributed import estimate_distributed, make_parallel
+
+    par = make_parallel(gpus=gpus, nodes=nodes, zero=zero, fsdp=fsdp, offload=offload)
+    spec = resolve_model(model)
+    return estimate_distributed(spec, make_setup(spec, method=method, **options), par)
+
+
 def plan(model: Any, gpu: str, method: str | None = None, *, objective: str = "tokens", maximize: str = "tokens",
          limit: int = 10, **options: Any) -> Plan:
     """Search setups of `model` that fit `gpu`, ranked by `objective` (see vramplan.plan.plan)."""
@@ -39,5 +49,5 @@ def plan(model: Any, gpu: str, method: str | None = None, *, objective: str = "t
 
 
 __all__ = ["ArchConfig", "Candidate", "Estimate", "FitResult", "GpuFit", "ModelSpec", "Plan", "Setup", "TensorSpec",
-           "VramplanError", "__version__", "estimate", "estimate_setup", "fit", "make_setup", "plan", "resolve_gpu",
+           "VramplanError", "__version__", "estimate", "estimate_parallel", "estimate_setup", "fit", "make_setup", "plan", "resolve_gpu",
            "resolve_model"]

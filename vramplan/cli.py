@@ -43,6 +43,46 @@ Accum = Annotated[int, typer.Option(help="gradient accumulation steps")]
 Hold = Annotated[bool, typer.Option("--hold-outputs/--no-hold-outputs", help="the loop keeps the model output (logits) through backward and step")]
 Trust = Annotated[bool, typer.Option(help="allow code from a hub model repository (off by default)")]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+Gpus = Annotated[int, typer.Option(help="GPUs per node (data parallel)")]
+Nodes = Annotated[int, typer.Option(help="nodes")]
+Zero = Annotated[int, typer.Option(help="DeepSpeed ZeRO stage 0-3")]
+Fsdp = Annotated[str | None, typer.Option(help="PyTorch FSDP: full_shard, shard_grad_op, no_shard")]
+Offload = Annotated[str, typer.Option(help="none, optimizer (ZeRO-Offload), params (ZeRO-3 / FSDP parameter offload)")]
+
+
+def _parallel(gpus: int, nodes: int, zero: int, fsdp: str | None, offload: str) -> Any:
+    """The Parallel options, or None for a single GPU without an engine."""
+    if gpus == 1 and nodes == 1 and not zero and not fsdp and offload == "none":
+        return None
+    from vramplan.distributed import make_parallel
+
+    try:
+        return make_parallel(gpus=gpus, nodes=nodes, zero=zero, fsdp=fsdp, offload=offload)
+    except VramplanError as e:
+        _fail(e)
+
+
+def _render_distributed(d: Any) -> None:
+    p = d.parallel
+    e = d.single
+    s = e.setup
+    out.print(f"[bold]{e.model}[/] · method {s.method} · {p.engine}"
+              + (f" ZeRO-{p.zero}" if p.zero else "") + (f" FSDP {p.fsdp}" if p.fsdp else "")
+              + (f" · offload {p.offload}" if p.offload != "none" else "")
+              + f" · {p.gpus_per_node} GPU(s) × {p.nodes} node(s) · micro-batch {s.batch_size} × seq {s.seq_len}"
+              + (" · checkpointing" if s.grad_checkpointing else ""))
+    t = Table(title=f"per GPU at the peak ({d.peak_phase})", title_justify="left")
+    t.add_column("component")
+    t.add_column("GiB", justify="right")
+    for k, v in d.gpu_parts.items():
+        t.add_row(k.replace("_", " "), _gib(v))
+    t.add_row("[bold]peak allocated per GPU", f"[bold]{_gib(d.per_gpu_peak_allocated_bytes)}")
+    out.print(t)
+    out.print(f"per GPU: peak allocated [bold]{fmt_gib(d.per_gpu_peak_allocated_bytes)}[/] · reserved "
+              f"{fmt_gib(d.per_gpu_reserved_bytes)} · device total [bold]{fmt_gib(d.per_gpu_device_total_bytes)}[/]")
+    if d.cpu_parts:
+        out.print(f"host RAM per node: [bold]{fmt_gib(d.cpu_bytes_per_node)}[/] (" +
+                  ", ".join(f"{k.replace('_', ' ')} {fmt_gib(v)}" for k, v in d.cpu_parts.items()) + ")")
 
 
 def _opts(**kw: Any) -> dict[str, Any]:
@@ -62,6 +102,12 @@ def _estimate(model: str, opts: dict[str, Any]):  # noqa: ANN202 (library type, 
         return estimate(model, **opts)
     except VramplanError as e:
         _fail(e)
+
+
+def resolve_model_cached(model: str) -> Any:
+    from vramplan.catalog import resolve_model
+
+    return resolve_model(model)
 
 
 def _gib(n: int) -> str:
@@ -166,8 +212,11 @@ def estimate_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch
                  prefix_tokens: Prefix = 20, double_quant: DQ = True, kbit_prepare: Kbit = True, grad_accum: Accum = 1,
                  hold_outputs: Hold = True, trust_remote_code: Trust = False,
                  gpu: Annotated[list[str] | None, typer.Option(help="GPUs for the fit lines (repeatable)")] = None,
+                 gpus: Gpus = 1, nodes: Nodes = 1, zero: Zero = 0, fsdp: Fsdp = None, offload: Offload = "none",
                  json_: Json = False) -> None:
-    """Estimate the memory of one fine-tuning step: breakdown, phases, totals, fit verdicts."""
+    """Estimate the memory of one fine-tuning step: breakdown, phases, totals, fit verdicts.
+    With --gpus/--zero/--fsdp/--offload: memory per GPU and host RAM under that engine."""
+    par = _parallel(gpus, nodes, zero, fsdp, offload)
     e = _estimate(model, _opts(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank,
                                lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
@@ -181,6 +230,15 @@ def estimate_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch
             [resolve_gpu(g) for g in gpu]
         except VramplanError as ex:
             _fail(ex)
+    if par is not None:
+        from vramplan.distributed import estimate_distributed
+
+        d = estimate_distributed(resolve_model_cached(model), e.setup, par)
+        if json_:
+            print(json.dumps(d.to_dict()))
+        else:
+            _render_distributed(d)
+        return
     if json_:
         print(json.dumps(e.to_dict()))
     else:
@@ -193,13 +251,22 @@ def fit_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch = 1,
             grad_checkpointing: Ckpt = False, attn: Attn = "sdpa", lora_rank: Rank = 16, lora_targets: Targets = "all-linear",
             prefix_tokens: Prefix = 20, grad_accum: Accum = 1,
             gpu: Annotated[list[str] | None, typer.Option(help="GPUs to check (repeatable; default: all)")] = None,
+            gpus: Gpus = 1, nodes: Nodes = 1, zero: Zero = 0, fsdp: Fsdp = None, offload: Offload = "none",
             json_: Json = False) -> None:
-    """Will it fit? Verdict, headroom and limiting phase for each GPU."""
+    """Will it fit? Verdict, headroom and limiting phase for each GPU (per GPU under --zero/--fsdp)."""
     from vramplan.fit import fit
 
+    par = _parallel(gpus, nodes, zero, fsdp, offload)
     e = _estimate(model, _opts(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank,
                                lora_targets=lora_targets, prefix_tokens=prefix_tokens, grad_accum=grad_accum))
+    if par is not None:
+        from dataclasses import replace as _replace
+
+        from vramplan.distributed import estimate_distributed
+
+        d = estimate_distributed(resolve_model_cached(model), e.setup, par)
+        e = _replace(e, device_total_bytes=d.per_gpu_device_total_bytes, peak_phase=d.peak_phase)
     try:
         res = fit(e, gpu)
     except VramplanError as ex:

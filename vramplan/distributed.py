@@ -1,43 +1,44 @@
-"""Memory per GPU (and on the CPU) when a fine-tune is spread over many GPUs: data parallel,
-DeepSpeed ZeRO stages 1/2/3 with optimizer and parameter offload, PyTorch FSDP.
+"""Memory per GPU (and on the host) when a fine-tune is spread over GPUs: data parallel,
+DeepSpeed ZeRO stages 1/2/3 with optimizer and parameter offload, PyTorch FSDP with CPU offload.
 
-Model states follow each engine's documented behaviour:
-- DeepSpeed ZeRO (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py; "ZeRO: Memory Optimizations
-  Toward Training Trillion Parameter Models", Rajbhandari et al. 2020, section 5): 16-bit
-  parameters and gradients, and an fp32 master copy plus the optimizer's fp32 states (Adam: 12 bytes
-  per parameter) kept by the optimizer. Stage 1 partitions the optimizer states over the N ranks,
-  stage 2 also the gradients, stage 3 also the parameters, which are gathered a layer at a time.
-  ZeRO-Offload keeps the fp32 optimizer partition (and an fp32 gradient copy) in pinned CPU memory
-  and steps there; ZeRO-Infinity-style parameter offload (stage 3) keeps the 16-bit parameters on the
-  CPU too.
-- PyTorch FSDP (torch/distributed/fsdp): full_shard shards parameters, gradients and optimizer
-  states and all-gathers one wrapped unit (a decoder layer) at a time, prefetching the next;
-  shard_grad_op keeps parameters gathered between forward and backward; no_shard is DDP. CPU offload
-  moves sharded parameters, gradients and the optimizer step to the CPU.
-Only trainable parameters carry gradients and optimizer states, so LoRA/QLoRA under ZeRO/FSDP
-shard little but the frozen base (stage 3 / full_shard shard that too).
-Activations, logits and transients per GPU are those of one micro-batch, from the single-GPU model.
+Model states follow each engine's behaviour, checked on real runs (data/measurements/*dist*):
+- DeepSpeed ZeRO with bf16 (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py; Rajbhandari et
+  al. 2020, "ZeRO", section 5): 16-bit parameters and gradients in the model; the optimizer keeps
+  an fp32 master copy and fp32 states (Adam: 4 + 8 bytes per trainable parameter). Stage 1
+  partitions the optimizer over the N ranks, stage 2 also the gradients, stage 3 also the
+  parameters, gathered a layer at a time (plus a prefetch bucket). At the step the 16-bit gradient
+  partition has become an fp32 copy (4 bytes/param/N). ZeRO-Offload keeps master, states and fp32
+  gradients in pinned host memory and steps there; parameter offload (stage 3) keeps the 16-bit
+  parameters on the host too.
+- PyTorch FSDP (torch/distributed/fsdp) with MixedPrecision(bf16): fp32 sharded parameters and
+  gradients, bf16 all-gathered units (a decoder layer; the tied embedding is a unit of its own),
+  torch optimizer states in fp32. The sharded gradients of one step stay allocated until the next
+  forward begins (FSDP frees flat-parameter grads lazily). full_shard ~ stage 3, shard_grad_op ~
+  stage 2, no_shard ~ DDP; CPUOffload(offload_params=True) moves parameters, gradients and the step
+  to the host.
+Activations, logits and their transients per GPU are those of one micro-batch in bf16, from the
+single-GPU model; only trainable parameters carry gradients and optimizer states.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError
-from vramplan.estimator import Estimate, estimate_setup
+from vramplan.estimator import CUDA_CONTEXT_BYTES, RESERVED_FLOOR, RESERVED_OVERHEAD, Estimate, estimate_setup
 from vramplan.layout import layout
-from vramplan.methods import trainable
 from vramplan.optimizers import OPTIMIZERS
 from vramplan.setup import Setup
 
 FSDP_MODES = ("full_shard", "shard_grad_op", "no_shard")
 OFFLOADS = ("none", "optimizer", "params")
-# DDP gradient buckets: torch DistributedDataParallel bucket_cap_mb=25, two buckets in flight.
+# torch DistributedDataParallel: bucket_cap_mb=25, two buckets in flight.
 DDP_BUCKET_BYTES = 2 * 25 * 2**20
-# HF Trainer / accelerate "auto" DeepSpeed values (transformers/integrations/deepspeed.py):
-# reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = 0.9 * hidden^2 (elements).
+# NCCL communicators reserve buffers outside the PyTorch allocator: NCCL_BUFFSIZE 4 MiB per
+# channel and peer; a few hundred MiB per GPU at 8 ranks. An order of magnitude, not measured here.
+NCCL_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,13 @@ class Parallel:
     def world(self) -> int:
         return self.gpus_per_node * self.nodes
 
+    @property
+    def engine(self) -> str:
+        return "fsdp" if self.fsdp else ("deepspeed" if self.zero else "ddp")
+
     def to_dict(self) -> dict[str, Any]:
-        return {"gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "world_size": self.world, "zero": self.zero,
-                "fsdp": self.fsdp, "offload": self.offload}
+        return {"engine": self.engine, "gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "world_size": self.world,
+                "zero": self.zero, "fsdp": self.fsdp, "offload": self.offload}
 
 
 def make_parallel(*, gpus: int = 1, nodes: int = 1, zero: int = 0, fsdp: str | None = None, offload: str = "none") -> Parallel:
@@ -71,112 +76,138 @@ def make_parallel(*, gpus: int = 1, nodes: int = 1, zero: int = 0, fsdp: str | N
         raise VramplanError(f"unknown offload {offload!r}: allowed: {', '.join(OFFLOADS)}")
     if offload == "params" and not (zero == 3 or fsdp == "full_shard"):
         raise VramplanError("parameter offload needs --zero 3 or --fsdp full_shard")
-    if offload == "optimizer" and not (zero or fsdp):
-        raise VramplanError("optimizer offload needs a ZeRO stage (--zero 1/2/3) or FSDP")
+    if offload == "optimizer" and not zero:
+        raise VramplanError("optimizer offload is DeepSpeed's (--zero 1/2/3); FSDP offloads with --offload params")
     return Parallel(gpus, nodes, zero, fsdp, offload)
 
 
 @dataclass(frozen=True)
 class DistributedEstimate:
-    """Per-GPU memory and CPU memory of a sharded/offloaded run."""
+    """Per-GPU memory and host memory of a sharded/offloaded run."""
 
-    single: Estimate  # the same setup on one GPU without sharding (activations come from here)
+    single: Estimate  # the micro-batch on one GPU (activations come from here)
     parallel: Parallel
-    gpu_parts: dict[str, int]  # component -> bytes per GPU at the peak
+    gpu_phases: dict[str, int]  # phase -> per-GPU peak allocated
+    gpu_parts: dict[str, int]  # component -> bytes per GPU at the peak phase
     per_gpu_peak_allocated_bytes: int
     per_gpu_reserved_bytes: int
     per_gpu_device_total_bytes: int
     cpu_parts: dict[str, int]  # component -> bytes of host RAM per node
     cpu_bytes_per_node: int
 
+    @property
+    def peak_phase(self) -> str:
+        return max(self.gpu_phases, key=lambda p: self.gpu_phases[p])
+
     def to_dict(self) -> dict[str, Any]:
         return {**self.single.to_dict(), "parallel": self.parallel.to_dict(),
                 "per_gpu": {"peak_allocated_bytes": self.per_gpu_peak_allocated_bytes,
                             "peak_reserved_bytes": self.per_gpu_reserved_bytes,
-                            "device_total_bytes": self.per_gpu_device_total_bytes, "breakdown": dict(self.gpu_parts)},
+                            "device_total_bytes": self.per_gpu_device_total_bytes,
+                            "peak_phase": self.peak_phase, "phases": dict(self.gpu_phases), "breakdown": dict(self.gpu_parts)},
                 "cpu": {"bytes_per_node": self.cpu_bytes_per_node, "breakdown": dict(self.cpu_parts)}}
 
 
-def zero_model_states(*, trainable_params: int, frozen_bytes: int, param_bytes: int, world: int, stage: int, offload: str,
+def zero_model_states(*, trainable_params: int, frozen_bytes: int, world: int, stage: int, offload: str,
                       optimizer_state_bytes: int = 12) -> dict[str, int]:
-    """DeepSpeed ZeRO model states per GPU: 16-bit params (`param_bytes` per trainable param),
-    16-bit grads, fp32 master + optimizer states (`optimizer_state_bytes` per trainable param)."""
+    """DeepSpeed ZeRO model states per GPU between steps, in DeepSpeed's own accounting (the
+    figures its estimate_zero2/3_model_states_mem_needs print, less their largest-layer term)."""
     psi = trainable_params
-    params = param_bytes * psi + frozen_bytes
-    grads = 2 * psi
-    opt = optimizer_state_bytes * psi
-    out = {"weights": params if stage < 3 else params // world,
-           "gradients": grads if stage < 2 else grads // world,
-           "optimizer_states": opt if stage < 1 else opt // world}
+    out = {"weights": 2 * psi + frozen_bytes, "gradients": 2 * psi, "optimizer_states": optimizer_state_bytes * psi}
+    if stage >= 1:
+        out["optimizer_states"] //= world
+    if stage >= 2:
+        out["gradients"] //= world
+    if stage >= 3:
+        out["weights"] //= world
     if offload in ("optimizer", "params"):
         out["optimizer_states"] = 0
-        out["gradients"] = 0 if stage >= 2 else out["gradients"]  # partitioned grads are copied to pinned CPU memory
     if offload == "params":
         out["weights"] = 0
     return out
 
 
-def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> DistributedEstimate:
-    single = estimate_setup(spec, setup)
+def _unit_bytes(spec: ModelSpec, tied_trainable: bool) -> int:
+    """Largest all-gathered unit in 16-bit: a decoder layer, or the (tied) embedding."""
     lay = layout(spec)
-    arch = spec.arch
+    per_layer = (lay.params_total - lay.embed_params - lay.lm_head_params - lay.final_norm_params) // lay.layers
+    return 2 * max(per_layer, spec.arch.vocab * spec.arch.hidden)
+
+
+def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> DistributedEstimate:
+    """Per-GPU and host memory of `setup` (per-GPU micro-batch) under `par`."""
+    if par.engine != "ddp" and setup.quantised and (par.zero == 3 or par.fsdp == "full_shard"):
+        pass  # 4-bit bases shard as packed uint8 storage (FSDP-QLoRA); the bytes below still hold
+    # The engines run the model in bf16 without autocast; activations are pure-bf16 ones.
+    compute = replace(setup, precision="pure") if setup.precision == "mixed" else setup
+    single = estimate_setup(spec, compute)
+    t = single.terms
     n = par.world
-    dense_b = 4 if setup.precision in ("fp32", "mixed") else 2
-    tr = trainable(lay, arch, setup, dense_b)
-    frozen_w = single.breakdown.get("weights", 0) if not tr.base_trainable else 0
-    if not tr.base_trainable:
-        frozen_w = single.phases["load"] - tr.bytes
-    spec_opt = OPTIMIZERS.get(setup.optimizer)
-    states = spec_opt.states if spec_opt else 2
-    unit = lay.params_total // max(lay.layers, 1)  # one decoder layer: the gather unit
-    unit = max(unit, lay.embed_params if tr.base_trainable else 0)  # the embedding is gathered alone
-    gpu: dict[str, int] = {}
+    psi_bytes = t["grads"]  # trainable params in their dtype (bf16 -> 2 bytes each)
+    psi = psi_bytes // 2 if not setup.quantised and setup.method in ("full", "galore") else psi_bytes // 4
+    frozen = t["weights"] if setup.method not in ("full", "galore") else 0
+    spec_opt = OPTIMIZERS[setup.optimizer]
+    foreach = spec_opt.foreach
+    hold = t["hold"]
+    acts_fwd, acts_bwd, live = t["acts_fwd_peak"], t["acts_bwd_loss"], t["layer_live"]
+    gpu: dict[str, dict[str, int]] = {}
     cpu: dict[str, int] = {}
-    if par.fsdp:
-        # FSDP keeps parameters in the dtype they were loaded in (pure: 16-bit, mixed: fp32) and
-        # torch optimizer states in that dtype too; gradients are sharded in the same dtype.
-        pb = dense_b if tr.base_trainable else tr.bytes_per_param
-        sharded = par.fsdp == "full_shard"
-        w_all = frozen_w + tr.params * pb
-        gpu["weights"] = w_all // n if sharded else w_all
-        gpu["gradients"] = tr.params * pb // n if par.fsdp != "no_shard" else tr.params * pb
-        gpu["optimizer_states"] = states * tr.params * pb // (n if par.fsdp != "no_shard" else 1)
-        if sharded:
-            gpu["gathered_units"] = 2 * unit * 2  # current + prefetched layer, 16-bit compute copies
-        if par.offload in ("optimizer", "params"):
-            cpu["optimizer_states"] = gpu.pop("optimizer_states") * par.gpus_per_node
-            cpu["gradients"] = gpu.pop("gradients") * par.gpus_per_node
-            cpu["weights"] = gpu.pop("weights") * par.gpus_per_node
-            gpu["gathered_units"] = 2 * unit * 2
-    else:
-        opt_bytes = 4 + 4 * states  # fp32 master + fp32 states (DeepSpeed's own optimizers)
-        ms = zero_model_states(trainable_params=tr.params, frozen_bytes=frozen_w, param_bytes=2, world=n,
-                               stage=par.zero, offload=par.offload, optimizer_state_bytes=opt_bytes)
-        gpu.update(ms)
-        h2 = arch.hidden * arch.hidden
-        if par.zero >= 2 or (par.zero == 1):
-            gpu["comm_buckets"] = 2 * h2 * 2  # reduce bucket (+ one in flight), 16-bit, hidden^2 elements
-        elif n > 1:
-            gpu["comm_buckets"] = DDP_BUCKET_BYTES
-        if par.zero == 3:
-            gpu["gathered_units"] = int(0.9 * h2) * 2 + unit * 2  # prefetch bucket + the live layer
-        if par.offload in ("optimizer", "params"):
-            # pinned host memory per rank: fp32 master, optimizer states and fp32 gradients of its partition
-            per_rank = (opt_bytes + 4) * tr.params // (n if par.zero else 1)
-            cpu["optimizer_states"] = per_rank * par.gpus_per_node
+    gathered = 0
+    if par.engine == "fsdp":
+        shard = n if par.fsdp != "no_shard" else 1
+        w = (4 * psi + frozen) // (n if par.fsdp == "full_shard" else 1)
+        opt = 4 * spec_opt.states * psi // shard
+        grads = 4 * psi // shard
+        tr = 4 * psi // shard if foreach else 0
+        if par.fsdp != "no_shard":
+            gathered = _unit_bytes(spec, setup.method in ("full", "galore") and spec.arch.tied)  # the unit being computed
         if par.offload == "params":
-            cpu["weights"] = (2 * tr.params + frozen_w) // n * par.gpus_per_node
-    # activations, logits and transients: those of one micro-batch (the single-GPU model)
-    act_keys = ("activations", "logits_and_loss", "transients", "cublas_workspace")
-    acts = {k: single.breakdown.get(k, 0) for k in act_keys}
-    if single.peak_phase == "optimizer_step":
-        acts["transients"] = 0  # the engines' fused steps build no foreach temporaries
-        acts["activations"] = 0
-    gpu.update({k: v for k, v in acts.items() if v})
-    gpu.update({"adapters": 0})
-    gpu = {k: int(v) for k, v in gpu.items() if v}
-    peak = sum(gpu.values())
-    reserved = int(peak * (1 + 0.06)) + 64 * 2**20
-    nccl = 0 if n == 1 else 512 * 2**20  # NCCL communicator buffers outside the allocator (order of magnitude)
-    total = reserved + single.outside_allocator.get("cuda_context", 0) + nccl
-    return DistributedEstimate(single, par, gpu, peak, reserved, total, cpu, sum(cpu.values()))
+            cpu.update(weights=w * par.gpus_per_node, optimizer_states=opt * par.gpus_per_node,
+                       gradients=grads * par.gpus_per_node, step_transient=tr * par.gpus_per_node)
+            w = opt = grads = tr = 0
+        stale = grads  # last step's sharded grads, freed when the next forward starts
+        gpu["forward"] = {"weights": w, "optimizer_states": opt, "activations": max(stale, gathered + acts_fwd)}
+        gpu["backward"] = {"weights": w, "optimizer_states": opt, "gathered_params": gathered,
+                           "activations": max(acts_bwd, grads + live + hold)}
+        gpu["optimizer_step"] = {"weights": w, "optimizer_states": opt, "gradients": grads, "transients": tr,
+                                 "logits_and_loss": hold}
+    else:
+        stage = par.zero
+        master = (4 + 4 * spec_opt.states) if par.engine == "deepspeed" else 2 * spec_opt.states
+        ms = zero_model_states(trainable_params=psi, frozen_bytes=frozen, world=n, stage=stage, offload=par.offload,
+                               optimizer_state_bytes=master)
+        w, opt, g16 = ms["weights"], ms["optimizer_states"], ms["gradients"]
+        part = n if stage >= 1 else 1
+        fp32_grads = 4 * psi // part if par.engine == "deepspeed" else 0
+        tr = (4 if par.engine == "deepspeed" else 2) * psi // part if foreach else 0
+        buckets = DDP_BUCKET_BYTES if par.engine == "ddp" and n > 1 else (4 * spec.arch.hidden ** 2 if stage else 0)
+        if stage == 3:
+            # the gathered unit, its 16-bit gradient before reduce-scatter, and the prefetch bucket
+            gathered = 2 * _unit_bytes(spec, False) + int(0.9 * spec.arch.hidden ** 2) * 2
+        if par.offload != "none" and stage in (1, 2):
+            # with offload the contiguous gradient bucket is sized to hold the largest parameter's
+            # gradient (measured: +0.74 GiB = the 3B model's tied embedding, in bf16)
+            buckets = 2 * max(spec.arch.hidden ** 2, layout(spec).largest_tensor)
+        if par.offload in ("optimizer", "params"):
+            host = (master + 4) * psi // part  # fp32 master + states + fp32 gradient partition
+            cpu.update(optimizer_states=host * par.gpus_per_node,
+                       step_transient=(4 * psi // part if foreach else 0) * par.gpus_per_node)
+            fp32_grads = tr = 0
+        if par.offload == "params":
+            cpu["weights"] = (2 * psi + frozen) // n * par.gpus_per_node
+        gpu["forward"] = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gathered_params": gathered,
+                          "activations": acts_fwd}
+        gpu["backward"] = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gathered_params": gathered,
+                           "activations": max(acts_bwd, g16 + live + hold)}
+        gpu["optimizer_step"] = {"weights": w, "optimizer_states": opt, "gradients": fp32_grads if par.engine == "deepspeed" else g16,
+                                 "transients": tr, "logits_and_loss": hold}
+    for parts in gpu.values():
+        parts["cublas_workspace"] = t["workspace"]
+    phases = {k: sum(v.values()) for k, v in gpu.items()}
+    peak_phase = max(phases, key=lambda p: phases[p])
+    peak = phases[peak_phase]
+    reserved = int(peak * (1 + RESERVED_OVERHEAD)) + RESERVED_FLOOR
+    total = reserved + CUDA_CONTEXT_BYTES + (NCCL_BYTES if n > 1 else 0)
+    parts = {k: v for k, v in gpu[peak_phase].items() if v}
+    return DistributedEstimate(single, par, phases, parts, peak, reserved, total, {k: v for k, v in cpu.items() if v},
+                               sum(cpu.values()))

@@ -49,6 +49,8 @@ class Estimate:
     peak_reserved_bytes: int
     device_total_bytes: int
     outside_allocator: dict[str, int] = field(default_factory=dict)  # where -> bytes
+    # the model's terms, for engines that rearrange model states (vramplan.distributed)
+    terms: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def outside_allocator_bytes(self) -> int:
@@ -155,6 +157,10 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
         breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved, device_total_bytes=reserved + sum(outside.values()),
         outside_allocator=outside,
+        terms={"weights": w.total, "adapters": adapters, "grads": grads, "opt_states": opt.in_allocator,
+               "opt_transient": opt.step_transient, "workspace": ws, "acts_fwd_peak": fwd_peak, "acts_bwd_loss": bwd_loss,
+               "layer_live": layer_live + (layers_saved // lay.layers if setup.grad_checkpointing else 0),
+               "hold": hold, "retained": retained, "emb_grad": emb_grad, "accum": accum},
     )
 
 

@@ -146,8 +146,8 @@ def plan(spec: ModelSpec, req: Setup, gpu: GPU, *, objective: str = "tokens", ma
         key = (lambda c: (-c.setup.seq_len, -c.tokens, c.setup.grad_checkpointing, len(c.changes))) if maximize == "seq-len" \
             else (lambda c: (-c.tokens, c.setup.grad_checkpointing, len(c.changes), c.estimate.device_total_bytes))
     elif objective == "memory":
-        key = lambda c: (c.estimate.device_total_bytes, len(c.changes))  # noqa: E731
+        key = lambda c: (c.estimate.device_total_bytes, len(c.changes))
     else:
-        key = lambda c: (len(c.changes), -c.tokens, c.estimate.device_total_bytes)  # noqa: E731
+        key = lambda c: (len(c.changes), -c.tokens, c.estimate.device_total_bytes)
     fitting.sort(key=key)
     return Plan(gpu, req, evaluations, tuple(fitting[:limit]))

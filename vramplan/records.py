@@ -42,13 +42,37 @@ def load_reference(path: Path) -> list[dict[str, Any]]:
     return recs
 
 
-def record_estimate(rec: dict[str, Any]) -> Estimate:
-    """Re-estimate a record from the setup it carries."""
+def _spec_setup(rec: dict[str, Any]) -> tuple[Any, Setup]:
     s = rec["setup"]
     spec = build_spec(arch_from_hf_config(s["hf_config"], s.get("model", "custom")))
     opts = {k: s[k] for k in SETUP_KEYS if k in s}
     opts["lora_targets"] = s.get("lora_targets") or "all-linear"
-    return estimate_setup(spec, make_setup(spec, **opts))
+    return spec, make_setup(spec, **opts)
+
+
+def is_distributed(rec: dict[str, Any]) -> bool:
+    return bool(rec["setup"].get("zero") or rec["setup"].get("fsdp"))
+
+
+def record_estimate(rec: dict[str, Any]) -> Estimate:
+    """Re-estimate a single-GPU record from the setup it carries."""
+    spec, setup = _spec_setup(rec)
+    return estimate_setup(spec, setup)
+
+
+def record_peak(rec: dict[str, Any]) -> tuple[int, str]:
+    """(estimated peak allocated per GPU, its phase) for any record, sharded ones included."""
+    if is_distributed(rec):
+        from vramplan.distributed import estimate_distributed, make_parallel
+
+        spec, setup = _spec_setup(rec)
+        s = rec["setup"]
+        par = make_parallel(gpus=int(rec.get("world_size", 1)), zero=s.get("zero") or 0, fsdp=s.get("fsdp"),
+                            offload=s.get("offload", "none"))
+        d = estimate_distributed(spec, setup, par)
+        return d.per_gpu_peak_allocated_bytes, d.peak_phase
+    e = record_estimate(rec)
+    return e.peak_allocated_bytes, e.peak_phase
 
 
 @dataclass(frozen=True)
@@ -77,9 +101,9 @@ def compare(records: list[dict[str, Any]]) -> list[Comparison]:
     for r in records:
         if r.get("status") != "ok":
             continue
-        e = record_estimate(r)
-        out.append(Comparison(r["setup"]["name"], r["setup"]["method"], r["peak_allocated"], e.peak_allocated_bytes,
-                              _measured_phase(r), e.peak_phase))
+        est, phase = record_peak(r)
+        method = r["setup"]["method"] + (f" ({r['engine']})" if is_distributed(r) else "")
+        out.append(Comparison(r["setup"]["name"], method, r["peak_allocated"], est, _measured_phase(r), phase))
     return out
 
 

@@ -1,0 +1,91 @@
+"""ZeRO / FSDP / offload: model states checked against DeepSpeed's own estimator formulas
+(deepspeed/runtime/zero/stage_1_and_2.py estimate_zero2_model_states_mem_needs and stage3.py
+estimate_zero3_model_states_mem_needs, without their additional_buffer_factor), and invariants."""
+
+from __future__ import annotations
+
+import pytest
+
+from vramplan.catalog import resolve_model
+from vramplan.distributed import estimate_distributed, make_parallel, zero_model_states
+from vramplan.errors import VramplanError
+from vramplan.setup import make_setup
+
+PSI = 7_000_000_000
+
+
+def _ds_zero2_gpu(psi, n, offload):
+    return 2 * psi if offload else 4 * psi + int(16 * psi / n)
+
+
+def _ds_zero3_gpu_no_offload(psi, n, largest):
+    return 4 * largest + int(18 * psi / n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_zero_model_states_match_deepspeeds_formulas(n):
+    # stage 2, no offload: DeepSpeed counts 16-bit params + 16-bit grads + (fp32 grads + 12) / N;
+    # vramplan's states between steps are params + grads/N + 12/N, and at the step the 16-bit
+    # partition becomes the fp32 one: params + (4 + 12)/N — DeepSpeed's figure less 2*psi of grads
+    ms = zero_model_states(trainable_params=PSI, frozen_bytes=0, world=n, stage=2, offload="none")
+    assert ms["weights"] + 4 * PSI // n + ms["optimizer_states"] + 2 * PSI == pytest.approx(_ds_zero2_gpu(PSI, n, False), rel=1e-9)
+    # stage 2 with optimizer offload: only the 16-bit parameters stay on the GPU
+    off = zero_model_states(trainable_params=PSI, frozen_bytes=0, world=n, stage=2, offload="optimizer")
+    assert off["weights"] == _ds_zero2_gpu(PSI, n, True) and off["optimizer_states"] == 0
+    # stage 3, no offload: 2 + 12 + 4 (fp32 grads at the step) = DeepSpeed's 18 bytes per param / N
+    ms3 = zero_model_states(trainable_params=PSI, frozen_bytes=0, world=n, stage=3, offload="none")
+    assert ms3["weights"] + ms3["optimizer_states"] + 4 * PSI // n == pytest.approx(18 * PSI / n, abs=8)
+    assert _ds_zero3_gpu_no_offload(PSI, n, 0) == int(18 * PSI / n)
+
+
+@pytest.mark.parametrize("gpus", [1, 4, 8])
+def test_offloaded_host_memory_is_deepspeeds_16_or_18_bytes_per_param(gpus):
+    spec = resolve_model("llama-3.1-8b")
+    s = make_setup(spec, method="full", optimizer="adamw-fused", grad_checkpointing=True)
+    psi = spec.params_total
+    z2 = estimate_distributed(spec, s, make_parallel(gpus=gpus, zero=2, offload="optimizer"))
+    assert z2.cpu_bytes_per_node == pytest.approx(16 * psi, rel=1e-6)  # estimate_zero2: 16 (times 1.5 buffer)
+    z3 = estimate_distributed(spec, s, make_parallel(gpus=gpus, zero=3, offload="params"))
+    assert z3.cpu_bytes_per_node == pytest.approx(18 * psi, rel=1e-6)  # estimate_zero3 with zero_init: 18
+
+
+def test_more_gpus_never_need_more_memory_per_gpu():
+    spec = resolve_model("llama-3.1-8b")
+    s = make_setup(spec, method="full", grad_checkpointing=True)
+    for kw in ({"zero": 1}, {"zero": 2}, {"zero": 3}, {"fsdp": "full_shard"}, {"fsdp": "shard_grad_op"}):
+        peaks = [estimate_distributed(spec, s, make_parallel(gpus=n, **kw)).per_gpu_peak_allocated_bytes for n in (1, 2, 4, 8)]
+        assert peaks == sorted(peaks, reverse=True), kw
+
+
+def test_full_finetune_of_70b_needs_sharding_over_many_gpus_or_offload():
+    # 70.6B params x 18 bytes (bf16 params, fp32 master + Adam, fp32 grads) = 1.27 TB of states
+    spec = resolve_model("70b")
+    s = make_setup(spec, method="full", grad_checkpointing=True, optimizer="adamw-fused")
+    cap = 80 * 2**30
+
+    def total(**kw):
+        return estimate_distributed(spec, s, make_parallel(**kw)).per_gpu_device_total_bytes
+
+    assert total(gpus=8, zero=3) > cap
+    assert total(gpus=8, nodes=4, zero=3) < cap
+    off = estimate_distributed(spec, s, make_parallel(gpus=4, zero=3, offload="params"))
+    assert off.per_gpu_device_total_bytes < cap and off.cpu_bytes_per_node > 1.2e12
+
+
+def test_lora_under_zero_only_shards_trainable_states():
+    spec = resolve_model("8b")
+    s = make_setup(spec, method="lora", grad_checkpointing=True)
+    z1 = estimate_distributed(spec, s, make_parallel(gpus=8, zero=1))
+    z0 = estimate_distributed(spec, s, make_parallel(gpus=8, zero=0))
+    saved = z0.per_gpu_peak_allocated_bytes - z1.per_gpu_peak_allocated_bytes
+    assert 0 < saved < 1e9  # optimizer states of 42M adapter params; the frozen 16 GB base stays
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"zero": 4}, "zero stage must be one of"), ({"fsdp": "hybrid"}, "unknown fsdp mode"),
+    ({"zero": 2, "offload": "params"}, "parameter offload needs"), ({"zero": 2, "fsdp": "full_shard"}, "not both"),
+    ({"gpus": 0}, "gpus must be a positive integer"), ({"offload": "optimizer"}, "optimizer offload is DeepSpeed"),
+])
+def test_bad_parallel_options_are_clear_errors(kw, msg):
+    with pytest.raises(VramplanError, match=msg):
+        make_parallel(**kw)
