@@ -452,6 +452,67 @@ def validate(cases: Annotated[Path | None, typer.Argument(help="YAML file of cas
         out.print(f"median |error| {100 * s.median_abs:.2f}% · worst {100 * s.worst_abs:.2f}%")
 
 
+app.add_typer(plot_app, name="plot")
+
+
+def _save(fig: Any, out_path: Path) -> None:
+    if out_path.suffix.lower() not in (".png", ".svg"):
+        _fail(VramplanError(f"output {str(out_path)!r} must end in .png or .svg"))
+    fig.savefig(out_path, dpi=130)
+    out.print(f"wrote {out_path}")
+
+
+@plot_app.command("breakdown")
+def plot_breakdown(model: Model = "8b",
+                   methods: Annotated[str, typer.Option(help="comma-separated methods")] = "full,lora,qlora,galore,prefix",
+                   batch_size: Batch = 1, seq_len: Seq = 2048, grad_checkpointing: Ckpt = False,
+                   o: Annotated[Path, typer.Option("-o", help="PNG or SVG")] = Path("breakdown.png")) -> None:
+    """Stacked components at the peak for several methods, with GPU lines."""
+    from vramplan.plots import breakdown_figure
+
+    setups = [{"method": m.strip(), "batch_size": batch_size, "seq_len": seq_len,
+               "grad_checkpointing": grad_checkpointing and m.strip() != "prefix"} for m in methods.split(",") if m.strip()]
+    try:
+        _save(breakdown_figure(model, setups), o)
+    except VramplanError as e:
+        _fail(e)
+
+
+@plot_app.command("sweep")
+def plot_sweep(over: Annotated[str, typer.Option(help="seq-len, batch-size, lora-rank, model-size")] = "model-size",
+               model: Model = "8b", methods: Annotated[str, typer.Option(help="comma-separated methods")] = "full,lora,qlora",
+               batch_size: Batch = 1, seq_len: Seq = 2048, grad_checkpointing: Ckpt = True,
+               o: Annotated[Path, typer.Option("-o", help="PNG or SVG")] = Path("sweep.png")) -> None:
+    """Memory curves per method against one quantity, with GPU lines and where each stops fitting."""
+    from vramplan.plots import sweep_figure
+
+    opts: dict[str, Any] = {"grad_checkpointing": grad_checkpointing}
+    if over != "batch-size":
+        opts["batch_size"] = batch_size
+    if over != "seq-len":
+        opts["seq_len"] = seq_len
+    try:
+        _save(sweep_figure(over, model=model, methods=[m.strip() for m in methods.split(",")], **opts), o)
+    except VramplanError as e:
+        _fail(e)
+
+
+@plot_app.command("validation")
+def plot_validation(record: Annotated[str | None, typer.Option(help="one record's name: per-phase bars instead")] = None,
+                    o: Annotated[Path, typer.Option("-o", help="PNG or SVG")] = Path("validation.png")) -> None:
+    """Estimate against measurement for every committed record (or the phases of one)."""
+    from vramplan.plots import phases_figure, validation_figure
+    from vramplan.records import load_records
+
+    if record:
+        recs = [r for r in load_records() if r["setup"].get("name") == record and r.get("status") == "ok"]
+        if not recs:
+            _fail(VramplanError(f"no record named {record!r}; see `vramplan validate --report`"))
+        _save(phases_figure(recs[0]), o)
+    else:
+        _save(validation_figure(), o)
+
+
 def main() -> None:
     try:
         app()

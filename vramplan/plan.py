@@ -136,9 +136,9 @@ def plan(spec: ModelSpec, req: Setup, gpu: GPU, *, objective: str = "tokens", ma
 
         if maximize == "seq-len":
             hi = spec.arch.max_positions if spec.arch.family == "gpt2" else MAX_SEQ
-            n, e, k = _largest(fits, 64, hi, 64)
+            _, e, k = _largest(fits, 64, hi, 64)
         else:
-            n, e, k = _largest(fits, 1, MAX_BATCH, 1)
+            _, e, k = _largest(fits, 1, MAX_BATCH, 1)
         evaluations += k
         if e is not None:
             fitting.append(Candidate(e.setup, e, _changes(req, e.setup)))
