@@ -70,3 +70,18 @@ def test_plan_is_fast_enough_for_thousands_of_setups():
     p = vramplan.plan("llama-3.1-8b", "A100-40GB", maximize="seq-len", batch_size=1)
     assert p.searched >= 1000
     assert time.perf_counter() - t < 5  # generous for CI; the benchmark reports the real figure
+
+
+def test_cheapest_finds_the_fewest_cards_and_ranks_by_price():
+    from vramplan.fit import cheapest
+
+    spec = resolve_model("70b")
+    s = make_setup(spec, method="full", grad_checkpointing=True, optimizer="adamw-fused")
+    opts = cheapest(spec, s, gpus=["A100-SXM-80GB", "H100", "H200"])
+    assert opts and all(o.count > 8 for o in opts)  # 1.27 TB of model states
+    assert [o.cost_hour_usd for o in opts] == sorted(o.cost_hour_usd for o in opts)
+    for o in opts:
+        assert o.engine.startswith("ZeRO")
+        assert o.per_gpu_bytes <= o.gpu.usable_bytes * 0.9
+    q = cheapest(spec, make_setup(spec, method="qlora", grad_checkpointing=True), gpus=["H100", "RTX-4090"])
+    assert q[0].count == 1

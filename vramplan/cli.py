@@ -252,14 +252,35 @@ def fit_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch = 1,
             prefix_tokens: Prefix = 20, grad_accum: Accum = 1,
             gpu: Annotated[list[str] | None, typer.Option(help="GPUs to check (repeatable; default: all)")] = None,
             gpus: Gpus = 1, nodes: Nodes = 1, zero: Zero = 0, fsdp: Fsdp = None, offload: Offload = "none",
+            cheapest_: Annotated[bool, typer.Option("--cheapest", help="rank ways to run it (how many of which GPU, "
+                                                    "which ZeRO stage) by hourly price")] = False,
             json_: Json = False) -> None:
-    """Will it fit? Verdict, headroom and limiting phase for each GPU (per GPU under --zero/--fsdp)."""
+    """Will it fit? Verdict, headroom and limiting phase for each GPU (per GPU under --zero/--fsdp).
+    With --cheapest: the fewest cards of each priced GPU that hold it, cheapest first."""
     from vramplan.fit import fit
 
     par = _parallel(gpus, nodes, zero, fsdp, offload)
     e = _estimate(model, _opts(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank,
                                lora_targets=lora_targets, prefix_tokens=prefix_tokens, grad_accum=grad_accum))
+    if cheapest_:
+        from vramplan.fit import cheapest
+
+        try:
+            opts = cheapest(resolve_model_cached(model), e.setup, gpus=gpu)
+        except VramplanError as ex:
+            _fail(ex)
+        if json_:
+            print(json.dumps([o.to_dict() for o in opts]))
+            return
+        t = Table(title=f"{e.model} {e.setup.method}: cheapest ways to run it (per-GPU device total ≤ 90% of the card)",
+                  title_justify="left")
+        for c in ("GPU", "count", "engine", "per GPU GiB", "$/h total"):
+            t.add_column(c, justify="left" if c in ("GPU", "engine") else "right")
+        for o in opts:
+            t.add_row(o.gpu.name, str(o.count), o.engine, _gib(o.per_gpu_bytes), f"{o.cost_hour_usd:.2f}")
+        out.print(t)
+        return
     if par is not None:
         from dataclasses import replace as _replace
 

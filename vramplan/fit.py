@@ -61,3 +61,51 @@ def fit(est: Estimate, gpus: list[str] | None = None) -> FitResult:
     cards = [resolve_gpu(g) for g in gpus] if gpus else list(gpu_catalog().values())
     rows = sorted((fit_gpu(est, g) for g in cards), key=lambda r: (r.capacity_bytes, r.gpu.name))
     return FitResult(est, tuple(rows))
+
+
+@dataclass(frozen=True)
+class Option:
+    """A way to run a setup: `count` x `gpu` with an engine, and what it costs per hour."""
+
+    gpu: GPU
+    count: int
+    engine: str  # "single GPU", "DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3"
+    per_gpu_bytes: int
+    cost_hour_usd: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu.name, "count": self.count, "engine": self.engine, "per_gpu_device_total_bytes": self.per_gpu_bytes,
+                "cost_hour_usd": round(self.cost_hour_usd, 2)}
+
+
+COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def cheapest(spec: Any, setup: Any, *, gpus: list[str] | None = None, counts: tuple[int, ...] = COUNTS,
+             limit: int = 10) -> list[Option]:
+    """For each priced GPU, the fewest cards that hold the setup (one card; else data parallel with
+    the lowest ZeRO stage that fits, 8 cards per node), ranked by hourly price."""
+    from vramplan.distributed import estimate_distributed, make_parallel
+    from vramplan.estimator import estimate_setup
+
+    single = estimate_setup(spec, setup).device_total_bytes
+    cards = [resolve_gpu(g) for g in gpus] if gpus else [g for g in gpu_catalog().values() if g.price_hour_usd]
+    out = []
+    for g in cards:
+        cap = g.usable_bytes * TIGHT_SHARE
+        for n in counts:
+            found = None
+            if n == 1 and single <= cap:
+                found = ("single GPU", single)
+            elif n > 1:
+                for stage in (0, 1, 2, 3):
+                    par = make_parallel(gpus=min(n, 8), nodes=max(1, n // 8), zero=stage)
+                    need = estimate_distributed(spec, setup, par).per_gpu_device_total_bytes
+                    if need <= cap:
+                        found = ("DDP" if stage == 0 else f"ZeRO-{stage}", need)
+                        break
+            if found:
+                out.append(Option(g, n, found[0], found[1], n * (g.price_hour_usd or float("nan"))))
+                break
+    out.sort(key=lambda o: (o.cost_hour_usd if o.cost_hour_usd == o.cost_hour_usd else float("inf"), o.count))
+    return out[:limit]
