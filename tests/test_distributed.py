@@ -89,3 +89,10 @@ def test_lora_under_zero_only_shards_trainable_states():
 def test_bad_parallel_options_are_clear_errors(kw, msg):
     with pytest.raises(VramplanError, match=msg):
         make_parallel(**kw)
+
+
+def test_fp32_precision_counts_parameters_not_bytes():
+    spec = resolve_model("llama-3.2-1b")
+    pure = estimate_distributed(spec, make_setup(spec, method="full"), make_parallel(gpus=1, zero=3, offload="params"))
+    fp32 = estimate_distributed(spec, make_setup(spec, method="full", precision="fp32"), make_parallel(gpus=1, zero=3, offload="params"))
+    assert pure.cpu_bytes_per_node > 0 and fp32.cpu_parts["optimizer_states"] == pure.cpu_parts["optimizer_states"]

@@ -136,16 +136,13 @@ def _unit_bytes(spec: ModelSpec, tied_trainable: bool) -> int:
 
 def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> DistributedEstimate:
     """Per-GPU and host memory of `setup` (per-GPU micro-batch) under `par`."""
-    if par.engine != "ddp" and setup.quantised and (par.zero == 3 or par.fsdp == "full_shard"):
-        pass  # 4-bit bases shard as packed uint8 storage (FSDP-QLoRA); the bytes below still hold
     # The engines run the model in bf16 without autocast; activations are pure-bf16 ones.
     compute = replace(setup, precision="pure") if setup.precision == "mixed" else setup
     single = estimate_setup(spec, compute)
     t = single.terms
     n = par.world
-    psi_bytes = t["grads"]  # trainable params in their dtype (bf16 -> 2 bytes each)
-    psi = psi_bytes // 2 if not setup.quantised and setup.method in ("full", "galore") else psi_bytes // 4
-    frozen = t["weights"] if setup.method not in ("full", "galore") else 0
+    psi = single.params_trainable
+    frozen = t["weights"] if setup.method not in ("full", "galore") else 0  # the frozen base, as stored
     spec_opt = OPTIMIZERS[setup.optimizer]
     foreach = spec_opt.foreach
     hold = t["hold"]
