@@ -4,11 +4,10 @@ committed record (and the shared reference when it is beside the checkout)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
-from vramplan.records import compare, load_records, load_reference, summarise
+from vramplan.records import compare, load_records, load_reference, reference_path, summarise
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "h100_reference.jsonl"
+REF = reference_path()
 
 
 def main() -> None:

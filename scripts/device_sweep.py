@@ -1,16 +1,13 @@
-"""Device-side sweep: measure a list of cases (a YAML/JSON file of estimate options) and write
-JSONL records. Run on a CUDA machine: python scripts/device_sweep.py CASES OUT.jsonl [--trace]."""
+"""Device-side sweep: measure a list of cases (a YAML file of estimate options) and write JSONL
+records. Run on a CUDA machine: python scripts/device_sweep.py CASES OUT.jsonl [--trace]."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import yaml
-
 from vramplan.catalog import resolve_model
-from vramplan.profiler.sweep import run_cases
-from vramplan.setup import make_setup, profiler_setup
+from vramplan.profiler.sweep import case_setups, run_cases
 
 
 def main() -> None:
@@ -25,19 +22,14 @@ def main() -> None:
     ap.add_argument("--big", choices=["only", "skip", "any"], default="any",
                     help="cases on models of more than 4B parameters: only those, none of them, or any")
     a = ap.parse_args()
-    cases = yaml.safe_load(Path(a.cases).read_text())["cases"][a.start:]
     setups = []
-    for c in cases:
-        c = dict(c)
-        name = c.pop("name")
-        if a.only and a.only not in name:
+    for s in case_setups(Path(a.cases), trace=a.trace)[a.start:]:
+        if a.only and a.only not in s["name"]:
             continue
-        model = resolve_model(c.pop("model"))
-        big = model.params_total > 4e9
+        big = resolve_model(s["model"]).params_total > 4e9
         if (a.big == "only" and not big) or (a.big == "skip" and big):
             continue
-        steps = c.pop("steps", 3)
-        setups.append(profiler_setup(model, make_setup(model, **c), name=name, steps=steps, trace=a.trace))
+        setups.append(s)
     run_cases(setups, Path(a.out), budget_s=a.budget, parallel=a.parallel)
 
 

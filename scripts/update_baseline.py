@@ -5,12 +5,11 @@ record from getting worse."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from vramplan.datafiles import data_dir
-from vramplan.records import compare, load_records, load_reference
+from vramplan.records import compare, load_records, load_reference, reference_path
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "h100_reference.jsonl"
+REF = reference_path()
 
 recs = load_records() + (load_reference(REF) if REF.exists() else [])
 out = {c.name: round(c.error, 5) for c in compare(recs)}

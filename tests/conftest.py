@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_REFERENCE = REPO.parent / "shared" / "reference" / "h100_reference.jsonl"
+from vramplan.records import reference_path
+
+SHARED_REFERENCE = reference_path()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -21,6 +21,11 @@ from vramplan.setup import Setup
 GPT2_DROPOUT = 0.1
 
 
+def micro_batch_tokens(setup: Setup) -> int:
+    """Tokens in one micro-batch as the model sees them (prompt tuning prepends its virtual tokens)."""
+    return setup.batch_size * (setup.seq_len + (setup.prefix_tokens if setup.method == "prompt" else 0))
+
+
 @dataclass(frozen=True)
 class Dtypes:
     """Bytes per element of the activation streams of a setup."""
@@ -114,7 +119,7 @@ def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes
     virt = setup.prefix_tokens if setup.method in ("prefix", "prompt") else 0
     s_k = s + virt  # attention span (prefix adds keys/values; prompt tuning lengthens the sequence)
     if setup.method == "prompt":
-        T = b * s_k
+        T = micro_batch_tokens(setup)
         s = s_k
     adapters_only = not base
     in_grad = not (first_layer and adapters_only and setup.method not in ("prompt",))
@@ -258,7 +263,7 @@ class HeadActs:
 
 
 def head_activations(arch: ArchConfig, setup: Setup, dt: Dtypes) -> HeadActs:
-    T = setup.batch_size * (setup.seq_len + (setup.prefix_tokens if setup.method == "prompt" else 0))
+    T = micro_batch_tokens(setup)
     V, H = arch.vocab, arch.hidden
     base = setup.method in ("full", "galore")
     saved = (dt.residual if arch.family == "gpt2" else 4) * H * T  # final norm input
@@ -282,5 +287,4 @@ def head_activations(arch: ArchConfig, setup: Setup, dt: Dtypes) -> HeadActs:
 
 def checkpoint_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:
     """Non-reentrant gradient checkpointing keeps each layer's input hidden states."""
-    T = setup.batch_size * (setup.seq_len + (setup.prefix_tokens if setup.method == "prompt" else 0))
-    return dt.residual * arch.hidden * T
+    return dt.residual * arch.hidden * micro_batch_tokens(setup)

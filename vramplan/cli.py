@@ -85,11 +85,6 @@ def _render_distributed(d: Any) -> None:
                   ", ".join(f"{k.replace('_', ' ')} {fmt_gib(v)}" for k, v in d.cpu_parts.items()) + ")")
 
 
-def _opts(**kw: Any) -> dict[str, Any]:
-    """Estimate keyword options from CLI values (names already match the library's)."""
-    return kw
-
-
 def _fail(e: Exception) -> None:
     err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -104,7 +99,8 @@ def _estimate(model: str, opts: dict[str, Any]):  # noqa: ANN202 (library type, 
         _fail(e)
 
 
-def resolve_model_cached(model: str) -> Any:
+def _spec(model: str) -> Any:
+    """The ModelSpec of a name already validated by an estimate (lazy import keeps startup small)."""
     from vramplan.catalog import resolve_model
 
     return resolve_model(model)
@@ -217,7 +213,7 @@ def estimate_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch
     """Estimate the memory of one fine-tuning step: breakdown, phases, totals, fit verdicts.
     With --gpus/--zero/--fsdp/--offload: memory per GPU and host RAM under that engine."""
     par = _parallel(gpus, nodes, zero, fsdp, offload)
-    e = _estimate(model, _opts(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision,
+    e = _estimate(model, dict(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank,
                                lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
                                galore_rank=galore_rank, prefix_tokens=prefix_tokens, double_quant=double_quant,
@@ -233,7 +229,7 @@ def estimate_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch
     if par is not None:
         from vramplan.distributed import estimate_distributed
 
-        d = estimate_distributed(resolve_model_cached(model), e.setup, par)
+        d = estimate_distributed(_spec(model), e.setup, par)
         if json_:
             print(json.dumps(d.to_dict()))
         else:
@@ -260,14 +256,14 @@ def fit_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch = 1,
     from vramplan.fit import fit
 
     par = _parallel(gpus, nodes, zero, fsdp, offload)
-    e = _estimate(model, _opts(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision,
+    e = _estimate(model, dict(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank,
                                lora_targets=lora_targets, prefix_tokens=prefix_tokens, grad_accum=grad_accum))
     if cheapest_:
         from vramplan.fit import cheapest
 
         try:
-            opts = cheapest(resolve_model_cached(model), e.setup, gpus=gpu)
+            opts = cheapest(_spec(model), e.setup, gpus=gpu)
         except VramplanError as ex:
             _fail(ex)
         if json_:
@@ -286,7 +282,7 @@ def fit_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch = 1,
 
         from vramplan.distributed import estimate_distributed
 
-        d = estimate_distributed(resolve_model_cached(model), e.setup, par)
+        d = estimate_distributed(_spec(model), e.setup, par)
         e = _replace(e, device_total_bytes=d.per_gpu_device_total_bytes, peak_phase=d.peak_phase)
     try:
         res = fit(e, gpu)
@@ -384,7 +380,7 @@ def profile(model: Model = "1b", method: Method = "full", batch_size: Batch = 1,
             trace: Annotated[bool, typer.Option(help="record allocator history: what is alive at each phase")] = False,
             json_: Json = False) -> None:
     """Run real training steps on this machine's CUDA GPU and compare with the estimate."""
-    opts = _opts(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision, optimizer=optimizer,
+    opts = dict(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision, optimizer=optimizer,
                  grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank, lora_targets=lora_targets,
                  galore_rank=galore_rank, prefix_tokens=prefix_tokens)
     setup = _profile_setup(model, opts, name=f"{model}-{method}", steps=steps, trace=trace)
@@ -445,17 +441,10 @@ def validate(cases: Annotated[Path | None, typer.Argument(help="YAML file of cas
         return
     import yaml
 
-    from vramplan.catalog import resolve_model
-    from vramplan.setup import make_setup, profiler_setup
+    from vramplan.profiler.sweep import case_setups
 
     try:
-        rows = yaml.safe_load(cases.read_text(encoding="utf-8"))["cases"]
-        setups = []
-        for c in rows:
-            c = dict(c)
-            name, m, steps = c.pop("name"), c.pop("model"), c.pop("steps", 3)
-            spec = resolve_model(m)
-            setups.append(profiler_setup(spec, make_setup(spec, **c), name=name, steps=steps))
+        setups = case_setups(cases)
     except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
         _fail(VramplanError(f"bad cases file {str(cases)!r}: {e}"))
     except VramplanError as e:

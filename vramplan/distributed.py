@@ -27,7 +27,7 @@ from typing import Any
 
 from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError
-from vramplan.estimator import CUDA_CONTEXT_BYTES, RESERVED_FLOOR, RESERVED_OVERHEAD, Estimate, estimate_setup
+from vramplan.estimator import CUDA_CONTEXT_BYTES, Estimate, estimate_setup, reserved_bytes
 from vramplan.layout import layout
 from vramplan.optimizers import OPTIMIZERS
 from vramplan.setup import Setup
@@ -203,7 +203,7 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     phases = {k: sum(v.values()) for k, v in gpu.items()}
     peak_phase = max(phases, key=lambda p: phases[p])
     peak = phases[peak_phase]
-    reserved = int(peak * (1 + RESERVED_OVERHEAD)) + RESERVED_FLOOR
+    reserved = reserved_bytes(peak)
     total = reserved + CUDA_CONTEXT_BYTES + (NCCL_BYTES if n > 1 else 0)
     parts = {k: v for k, v in gpu[peak_phase].items() if v}
     return DistributedEstimate(single, par, phases, parts, peak, reserved, total, {k: v for k, v in cpu.items() if v},

@@ -34,6 +34,11 @@ RESERVED_FLOOR = 64 * MiB
 PHASES = ("load", "forward", "backward", "optimizer_step")
 
 
+def reserved_bytes(peak_allocated: int) -> int:
+    """Peak reserved: the caching allocator's slack on top of the peak allocated."""
+    return int(peak_allocated * (1 + RESERVED_OVERHEAD)) + RESERVED_FLOOR
+
+
 @dataclass(frozen=True)
 class Estimate:
     """One setup's memory. Bytes everywhere; components add up to the totals."""
@@ -88,14 +93,15 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     opt = optimizer_bytes(tr=tr, setup=setup)
     kernel = attention_kernel(arch, setup, dt)
     layer = layer_activations(arch, lay, setup, dt=dt, kernel=kernel)
-    layer0 = layer_activations(arch, lay, setup, dt=dt, kernel=kernel, first_layer=True)
     head = head_activations(arch, setup, dt)
     hold = head.logits if setup.hold_outputs else 0
     ws = CUBLAS_WORKSPACE_BYTES
+    # under checkpointing each layer keeps only its input, and the one being recomputed its own
+    ckpt_input = checkpoint_bytes(arch, setup, dt) if setup.grad_checkpointing else 0
     if setup.grad_checkpointing:
-        ckpt = checkpoint_bytes(arch, setup, dt)
-        layers_saved = ckpt * lay.layers
+        layers_saved = ckpt_input * lay.layers
     else:
+        layer0 = layer_activations(arch, lay, setup, dt=dt, kernel=kernel, first_layer=True)
         layers_saved = layer.saved * (lay.layers - 1) + layer0.saved
     # Mixed precision: autocast casts each weight to 16-bit once per forward and the casts are
     # saved for backward (torch autocast weight cache) — 2 bytes per base parameter in Linears.
@@ -115,7 +121,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     # then arrives and is accumulated out of place, so two more V x H buffers exist at that moment
     # (measured: every tied full fine-tune peaks there when the step does not).
     emb_grad = 2 * arch.vocab * arch.hidden * tr.bytes_per_param if (tr.base_trainable and arch.tied) else 0
-    bwd_late = grads + hold + retained + (layers_saved // lay.layers if setup.grad_checkpointing else 0) + layer_live
+    bwd_late = grads + hold + retained + ckpt_input + layer_live
     bwd_end = grads + hold + retained + emb_grad
     bwd_peak = max(bwd_loss, bwd_late, bwd_end)
     step_peak = grads + hold + retained + opt.step_transient
@@ -148,7 +154,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     else:
         parts = {"weights": w.total, "adapters": adapters}
     assert sum(parts.values()) == peak, (parts, peak)
-    reserved = int(peak * (1 + RESERVED_OVERHEAD)) + RESERVED_FLOOR
+    reserved = reserved_bytes(peak)
     outside = {"cuda_context": context_bytes}
     if opt.managed:
         outside["paged_optimizer_states (CUDA managed memory)"] = opt.managed
@@ -159,7 +165,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
         outside_allocator=outside,
         terms={"weights": w.total, "adapters": adapters, "grads": grads, "opt_states": opt.in_allocator,
                "opt_transient": opt.step_transient, "workspace": ws, "acts_fwd_peak": fwd_peak, "acts_bwd_loss": bwd_loss,
-               "layer_live": layer_live + (layers_saved // lay.layers if setup.grad_checkpointing else 0),
+               "layer_live": layer_live + ckpt_input,
                "hold": hold, "retained": retained, "emb_grad": emb_grad, "accum": accum},
     )
 

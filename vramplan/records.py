@@ -17,6 +17,11 @@ from vramplan.setup import Setup, make_setup
 SETUP_KEYS = tuple(Setup.__dataclass_fields__)
 
 
+def reference_path() -> Path:
+    """shared/reference/h100_reference.jsonl beside the checkout (CI and sessions have it there)."""
+    return data_dir().resolve().parent.parent / "shared" / "reference" / "h100_reference.jsonl"
+
+
 def measurement_files() -> list[Path]:
     return sorted((data_dir() / "measurements").glob("*.jsonl"))
 

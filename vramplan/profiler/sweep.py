@@ -16,6 +16,23 @@ from typing import Any
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def case_setups(path: Path, **extra: Any) -> list[dict[str, Any]]:
+    """The profiler setups of a cases YAML file (data/cases/*.yaml): each row is `name`, `model`,
+    optional `steps`, and estimate() options; validated like any estimate."""
+    import yaml
+
+    from vramplan.catalog import resolve_model
+    from vramplan.setup import make_setup, profiler_setup
+
+    out = []
+    for row in yaml.safe_load(path.read_text(encoding="utf-8"))["cases"]:
+        c = dict(row)
+        name, model, steps = c.pop("name"), c.pop("model"), c.pop("steps", 3)
+        spec = resolve_model(model)
+        out.append(profiler_setup(spec, make_setup(spec, **c), name=name, steps=steps, **extra))
+    return out
+
+
 def run_one(setup: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "vramplan.profiler.worker", json.dumps(setup)]
