@@ -72,3 +72,13 @@ def test_malformed_config_json_from_the_cli(tmp_path):
     f.write_text('{"model_type": "llama", ')
     p = subprocess.run([sys.executable, "-m", "vramplan.cli", "estimate", "--model", str(f)], capture_output=True, text=True)
     assert p.returncode == 2 and "malformed config.json" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(("text", "needle"), [("nope: [", "bad cases file"), ("other: 1\n", "missing key 'cases'"),
+                                              ("cases:\n  - {name: y, model: 1b, batch_size: -3}\n", "batch_size must be")])
+def test_bad_cases_file_is_one_line_exit_2(tmp_path, text, needle):
+    f = tmp_path / "cases.yaml"
+    f.write_text(text)
+    p = subprocess.run([sys.executable, "-m", "vramplan.cli", "validate", str(f)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -445,8 +445,12 @@ def validate(cases: Annotated[Path | None, typer.Argument(help="YAML file of cas
 
     try:
         setups = case_setups(cases)
+    except yaml.MarkedYAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}" if e.problem_mark else ""
+        _fail(VramplanError(f"bad cases file {str(cases)!r}: {e.problem or e.context}{where}"))
     except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
-        _fail(VramplanError(f"bad cases file {str(cases)!r}: {e}"))
+        detail = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        _fail(VramplanError(f"bad cases file {str(cases)!r}: {detail}; expected `cases:` rows with name, model and estimate options"))
     except VramplanError as e:
         _fail(e)
     _require_cuda()
