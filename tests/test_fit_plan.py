@@ -6,9 +6,9 @@ import pytest
 
 import vramplan
 from vramplan.catalog import resolve_gpu, resolve_model
+from vramplan.decide.plan import plan, search_space
 from vramplan.errors import VramplanError
 from vramplan.estimator import estimate_setup
-from vramplan.plan import plan, search_space
 from vramplan.setup import make_setup
 
 
@@ -73,7 +73,7 @@ def test_plan_is_fast_enough_for_thousands_of_setups():
 
 
 def test_cheapest_finds_the_fewest_cards_and_ranks_by_price():
-    from vramplan.fit import cheapest
+    from vramplan.decide.fit import cheapest
 
     spec = resolve_model("70b")
     s = make_setup(spec, method="full", grad_checkpointing=True, optimizer="adamw-fused")

@@ -158,7 +158,7 @@ def gpus(json_: Json = False) -> None:
 
 
 def _render_estimate(e: Any, gpus_: list[str] | None) -> None:
-    from vramplan.fit import fit
+    from vramplan.decide.fit import fit
 
     s = e.setup
     head = (f"[bold]{e.model}[/] · {fmt_count(e.params_total)} params · method {s.method} · base {s.dtype} · "
@@ -253,14 +253,14 @@ def fit_cmd(model: Model = "8b", method: Method = "full", batch_size: Batch = 1,
             json_: Json = False) -> None:
     """Will it fit? Verdict, headroom and limiting phase for each GPU (per GPU under --zero/--fsdp).
     With --cheapest: the fewest cards of each priced GPU that hold it, cheapest first."""
-    from vramplan.fit import fit
+    from vramplan.decide.fit import fit
 
     par = _parallel(gpus, nodes, zero, fsdp, offload)
     e = _estimate(model, dict(method=method, batch_size=batch_size, seq_len=seq_len, dtype=dtype, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank,
                                lora_targets=lora_targets, prefix_tokens=prefix_tokens, grad_accum=grad_accum))
     if cheapest_:
-        from vramplan.fit import cheapest
+        from vramplan.decide.fit import cheapest
 
         try:
             opts = cheapest(_spec(model), e.setup, gpus=gpu)
@@ -315,7 +315,7 @@ def plan_cmd(model: Model = "8b", gpu: Annotated[str, typer.Option(help="target 
     import time
 
     from vramplan.catalog import resolve_gpu, resolve_model
-    from vramplan.plan import plan
+    from vramplan.decide.plan import plan
     from vramplan.setup import make_setup
 
     t0 = time.perf_counter()

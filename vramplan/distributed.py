@@ -62,6 +62,11 @@ class Parallel:
                 "zero": self.zero, "fsdp": self.fsdp, "offload": self.offload}
 
 
+def needs_parallel(*, gpus: int = 1, nodes: int = 1, zero: int = 0, fsdp: str | None = None, offload: str = "none") -> bool:
+    """Whether these options describe more than one plain GPU (else the single-GPU estimate applies)."""
+    return not (gpus == 1 and nodes == 1 and not zero and not fsdp and offload == "none")
+
+
 def make_parallel(*, gpus: int = 1, nodes: int = 1, zero: int = 0, fsdp: str | None = None, offload: str = "none") -> Parallel:
     for name, v in (("gpus", gpus), ("nodes", nodes)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

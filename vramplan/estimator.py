@@ -9,6 +9,7 @@ from typing import Any
 from vramplan.activations import attention_kernel, checkpoint_bytes, head_activations, layer_activations, stream_dtypes
 from vramplan.arch import ModelSpec
 from vramplan.catalog import resolve_model
+from vramplan.errors import VramplanError
 from vramplan.layout import layout
 from vramplan.methods import trainable
 from vramplan.optimizers import optimizer_bytes
@@ -170,23 +171,23 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     )
 
 
-def estimate(model: str | Path | ModelSpec, method: str = "full", *, batch_size: int = 1, seq_len: int = 2048,
-             dtype: str | None = None, precision: str = "pure", optimizer: str = "adamw",
-             grad_checkpointing: bool = False, attn: str = "sdpa", lora_rank: int = 16, lora_alpha: float | None = None,
-             lora_dropout: float = 0.05, lora_targets: str | list[str] | tuple[str, ...] = "all-linear",
-             galore_rank: int = 128, prefix_tokens: int = 20, prefix_projection: bool = False,
-             double_quant: bool = True, kbit_prepare: bool = True, grad_accum: int = 1, hold_outputs: bool = True,
-             trust_remote_code: bool = False) -> Estimate:
+def estimate(model: str | Path | ModelSpec, method: str | None = None, *, trust_remote_code: bool = False,
+             **options: Any) -> Estimate:
     """Estimate the GPU memory of one fine-tuning step.
 
     `model` is a catalogue name or alias (`vramplan models`), a path to a config.json (file or
     directory), a hub id (needs transformers and a reachable hub or cache), or a ModelSpec.
+    `options` are the rows of vramplan.options.OPTIONS (trainer, batch_size, seq_len, ...); an
+    option left out takes the trainer preset (default trainer: hf), else its default.
     """
     spec = resolve_model(model, trust_remote_code=trust_remote_code)
-    setup = make_setup(spec, method=method, dtype=dtype, precision=precision, optimizer=optimizer,
-                       batch_size=batch_size, seq_len=seq_len, grad_checkpointing=grad_checkpointing, attn=attn,
-                       lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
-                       galore_rank=galore_rank, prefix_tokens=prefix_tokens, prefix_projection=prefix_projection,
-                       double_quant=double_quant, kbit_prepare=kbit_prepare, grad_accum=grad_accum,
-                       hold_outputs=hold_outputs)
-    return estimate_setup(spec, setup)
+    return estimate_setup(spec, make_setup(spec, **with_method(method, options)))
+
+
+def with_method(method: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The options with the positional `method` folded in (refusing it twice)."""
+    if method is None:
+        return options
+    if "method" in options:
+        raise VramplanError(f"method given twice ({method!r} and {options['method']!r})")
+    return {**options, "method": method}

@@ -50,9 +50,17 @@ def load_reference(path: Path) -> list[dict[str, Any]]:
 def _spec_setup(rec: dict[str, Any]) -> tuple[Any, Setup]:
     s = rec["setup"]
     spec = build_spec(arch_from_hf_config(s["hf_config"], s.get("model", "custom")))
-    opts = {k: s[k] for k in SETUP_KEYS if k in s}
-    opts["lora_targets"] = s.get("lora_targets") or "all-linear"
+    opts = record_options(s)
     return spec, make_setup(spec, **opts)
+
+
+def record_options(s: dict[str, Any]) -> dict[str, Any]:
+    """A record's stored setup as make_setup options. Records without `trainer` were measured
+    with the plain reference loop: every stored field is kept and the rest take plain defaults."""
+    opts = {k: s[k] for k in SETUP_KEYS if k in s}
+    opts.setdefault("trainer", "plain")
+    opts["lora_targets"] = s.get("lora_targets") or "all-linear"
+    return opts
 
 
 def is_distributed(rec: dict[str, Any]) -> bool:

@@ -9,40 +9,29 @@ from typing import Any
 from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError, unknown
 from vramplan.layout import layout
+from vramplan.options import (  # noqa: F401 (re-exported: the choices are the options table's)
+    ATTNS,
+    DTYPES,
+    GALORE_OPTIMIZERS,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+    QUANTISED,
+    TRAINERS,
+    SetupFields,
+    resolve,
+)
 
-METHODS = ("full", "lora", "qlora", "galore", "prefix", "prompt", "ia3", "bitfit")
-DTYPES = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")
-QUANTISED = ("int8", "nf4", "fp4")
-PRECISIONS = ("pure", "mixed", "fp32")
-OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd", "sgd-momentum",
-              "adafactor", "lion", "lion-8bit")
-GALORE_OPTIMIZERS = ("adamw", "adamw-8bit", "adafactor")
-ATTNS = ("sdpa", "flash", "eager")
 # Methods that train adapters on a frozen base, and so go with a quantised base.
 ADAPTER_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
+# More tokens than this in one micro-batch is no fine-tuning step (and prints absurd sizes).
+MAX_TOKENS = 1 << 26
 
 
 @dataclass(frozen=True)
-class Setup:
-    method: str = "full"
-    dtype: str = "bf16"
-    precision: str = "pure"
-    optimizer: str = "adamw"
-    batch_size: int = 1
-    seq_len: int = 2048
-    grad_checkpointing: bool = False
-    attn: str = "sdpa"
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ()
-    galore_rank: int = 128
-    prefix_tokens: int = 20
-    prefix_projection: bool = False
-    double_quant: bool = True
-    kbit_prepare: bool = True
-    grad_accum: int = 1
-    hold_outputs: bool = True
+class Setup(SetupFields):
+    """A resolved, validated setup. Its fields are the rows of vramplan.options.OPTIONS; build it
+    with make_setup (which fills trainer presets and defaults)."""
 
     @property
     def quantised(self) -> bool:
@@ -52,9 +41,15 @@ class Setup:
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
 
+    @property
+    def weights_dtype(self) -> str:
+        """How the base weights are stored: mixed precision keeps fp32 masters of a bf16/fp16 setup."""
+        return "fp32" if self.precision == "mixed" else self.dtype
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
+        d["weights_dtype"] = self.weights_dtype
         return d
 
 
@@ -93,23 +88,17 @@ def resolve_targets(model: ModelSpec, targets: str | list[str] | tuple[str, ...]
     return tuple(dict.fromkeys(out))
 
 
-def make_setup(model: ModelSpec, *, method: str = "full", dtype: str | None = None, precision: str = "pure",
-               optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 2048, grad_checkpointing: bool = False,
-               attn: str = "sdpa", lora_rank: int = 16, lora_alpha: float | None = None, lora_dropout: float = 0.05,
-               lora_targets: str | list[str] | tuple[str, ...] = "all-linear", galore_rank: int = 128,
-               prefix_tokens: int = 20, prefix_projection: bool = False, double_quant: bool = True,
-               kbit_prepare: bool = True, grad_accum: int = 1, hold_outputs: bool = True) -> Setup:
-    """Validate user options against the model and return the resolved Setup."""
-    _choice("method", method, METHODS)
-    _choice("precision", precision, PRECISIONS)
-    _choice("optimizer", optimizer, OPTIMIZERS)
-    _choice("attention implementation", attn, ATTNS)
-    _posint("batch_size", batch_size)
-    _posint("seq_len", seq_len)
-    _posint("grad_accum", grad_accum)
-    if dtype is None:
-        dtype = "nf4" if method == "qlora" else ("fp32" if precision == "fp32" else "bf16")
-    _choice("dtype", dtype, DTYPES)
+def make_setup(model: ModelSpec, **opts: Any) -> Setup:
+    """Validate user options against the model and return the resolved Setup. Options are the rows
+    of vramplan.options.OPTIONS; one left out (or None where the table allows) takes its trainer
+    preset, else its default."""
+    o = resolve(opts)
+    method, dtype, precision, optimizer = o["method"], o["dtype"], o["precision"], o["optimizer"]
+    grad_checkpointing = o["grad_checkpointing"]
+    lora_rank, lora_dropout, lora_targets = o["lora_rank"], o["lora_dropout"], o["lora_targets"]
+    galore_rank, prefix_tokens = o["galore_rank"], o["prefix_tokens"]
+    _check_sizes(model, o)
+    _check_techniques(model, o)
     if method == "qlora" and dtype not in ("nf4", "fp4"):
         raise VramplanError(f"method qlora needs a 4-bit base (dtype nf4 or fp4), got dtype {dtype!r}; for LoRA on a {dtype} base use method lora")
     if dtype in QUANTISED and method not in ADAPTER_METHODS:
@@ -121,8 +110,6 @@ def make_setup(model: ModelSpec, *, method: str = "full", dtype: str | None = No
         raise VramplanError("precision mixed computes in bf16/fp16: give dtype bf16 or fp16 (weights are kept in fp32)")
     if method == "galore" and optimizer not in GALORE_OPTIMIZERS:
         raise VramplanError(f"method galore supports optimizers {', '.join(GALORE_OPTIMIZERS)}, got {optimizer!r}")
-    if model.arch.family == "gpt2" and seq_len > model.arch.max_positions:
-        raise VramplanError(f"seq_len {seq_len} exceeds {model.name}'s learned positions ({model.arch.max_positions})")
     if method == "bitfit" and not layout(model).layer_biases:
         raise VramplanError(f"method bitfit trains bias terms, and {model.name} has none")
     targets: tuple[str, ...] = ()
@@ -145,14 +132,31 @@ def make_setup(model: ModelSpec, *, method: str = "full", dtype: str | None = No
         # peft raises "PREFIX_TUNING does not work with gradient checkpointing" (measured:
         # data/measurements q05-prefix-ckpt-b8s512)
         raise VramplanError("method prefix does not work with gradient checkpointing (peft refuses it); drop --grad-checkpointing")
-    return Setup(
-        method=method, dtype=dtype, precision=precision, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
-        grad_checkpointing=grad_checkpointing, attn=attn, lora_rank=lora_rank,
-        lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank), lora_dropout=lora_dropout,
-        lora_targets=targets, galore_rank=galore_rank, prefix_tokens=prefix_tokens,
-        prefix_projection=prefix_projection, double_quant=double_quant, kbit_prepare=kbit_prepare, grad_accum=grad_accum,
-        hold_outputs=hold_outputs,
-    )
+    return Setup(**{**o, "lora_targets": targets, "lora_alpha": float(o["lora_alpha"])})
+
+
+def _check_sizes(model: ModelSpec, o: dict[str, Any]) -> None:
+    """Lengths the model can take and sizes that are a training step."""
+    seq_len, limit = o["seq_len"], model.arch.max_positions
+    if model.arch.family == "gpt2" and seq_len > limit:
+        raise VramplanError(f"seq_len {seq_len} exceeds {model.name}'s learned positions ({limit})")
+    if seq_len > limit and not o["long_context"]:
+        raise VramplanError(f"seq_len {seq_len} exceeds {model.name}'s max_position_embeddings ({limit}); "
+                            f"allowed: 1..{limit}, or pass long_context (--long-context) for rope scaling")
+    if o["batch_size"] * seq_len > MAX_TOKENS:
+        raise VramplanError(f"batch_size x seq_len = {o['batch_size'] * seq_len:,} tokens per micro-batch; "
+                            f"allowed: at most {MAX_TOKENS:,}")
+
+
+def _check_techniques(model: ModelSpec, o: dict[str, Any]) -> None:
+    """Options that need another option, or a method, to mean anything."""
+    if o["checkpoint_offload"] and not o["grad_checkpointing"]:
+        raise VramplanError("checkpoint_offload offloads the checkpointed layer inputs: it needs grad_checkpointing "
+                            "(--grad-checkpointing)")
+    if o["use_dora"] and o["method"] not in ("lora", "qlora"):
+        raise VramplanError(f"use_dora is a LoRA variant: it needs method lora or qlora, got method {o['method']!r}")
+    if o["liger"] and model.arch.family == "gpt2":
+        raise VramplanError(f"liger has no kernels for {model.name} (model type gpt2); drop --liger")
 
 
 def profiler_setup(model: ModelSpec, setup: Setup, **extra: Any) -> dict[str, Any]:

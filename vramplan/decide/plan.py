@@ -9,9 +9,9 @@ from typing import Any
 
 from vramplan.arch import ModelSpec
 from vramplan.catalog import GPU
+from vramplan.decide.fit import TIGHT_SHARE
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
-from vramplan.fit import TIGHT_SHARE
 from vramplan.setup import Setup, make_setup
 
 OBJECTIVES = ("tokens", "memory", "fewest-changes")

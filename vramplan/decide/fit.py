@@ -56,9 +56,16 @@ class FitResult:
         return {"estimate": self.estimate.to_dict(), "gpus": [r.to_dict() for r in self.rows]}
 
 
-def fit(est: Estimate, gpus: list[str] | None = None) -> FitResult:
+def _cards(gpus: str | list[str] | tuple[str, ...] | None) -> list[GPU]:
+    """GPUs by name: one name or a list of names (a string is one name, never its characters)."""
+    if isinstance(gpus, str):
+        gpus = [gpus]
+    return [resolve_gpu(g) for g in gpus] if gpus else list(gpu_catalog().values())
+
+
+def fit(est: Estimate, gpus: str | list[str] | None = None) -> FitResult:
     """Check one estimate against the named GPUs (default: the whole catalogue), smallest first."""
-    cards = [resolve_gpu(g) for g in gpus] if gpus else list(gpu_catalog().values())
+    cards = _cards(gpus)
     rows = sorted((fit_gpu(est, g) for g in cards), key=lambda r: (r.capacity_bytes, r.gpu.name))
     return FitResult(est, tuple(rows))
 
@@ -89,7 +96,7 @@ def cheapest(spec: Any, setup: Any, *, gpus: list[str] | None = None, counts: tu
     from vramplan.estimator import estimate_setup
 
     single = estimate_setup(spec, setup).device_total_bytes
-    cards = [resolve_gpu(g) for g in gpus] if gpus else [g for g in gpu_catalog().values() if g.price_hour_usd]
+    cards = _cards(gpus) if gpus else [g for g in gpu_catalog().values() if g.price_hour_usd]
     out = []
     for g in cards:
         cap = g.usable_bytes * TIGHT_SHARE
@@ -109,3 +116,14 @@ def cheapest(spec: Any, setup: Any, *, gpus: list[str] | None = None, counts: tu
                 break
     out.sort(key=lambda o: (o.cost_hour_usd if o.cost_hour_usd == o.cost_hour_usd else float("inf"), o.count))
     return out[:limit]
+
+
+def fit_parallel(spec: Any, est: Estimate, par: Any, gpus: str | list[str] | None = None) -> FitResult:
+    """Fit verdicts for the per-GPU device total of `est`'s setup under `par` (vramplan.distributed)."""
+    from dataclasses import replace
+
+    from vramplan.distributed import estimate_distributed
+
+    d = estimate_distributed(spec, est.setup, par)
+    per_gpu = replace(est, device_total_bytes=d.per_gpu_device_total_bytes, peak_phase=d.peak_phase)
+    return fit(per_gpu, gpus)
