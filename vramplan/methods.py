@@ -34,15 +34,23 @@ ADAPTER_BYTES = 4
 
 
 def lora_params(lay: Layout, setup: Setup) -> tuple[int, tuple[tuple[int, int, int], ...]]:
-    """LoRA A (r x d_in) and B (d_out x r) for each targeted Linear in every layer."""
+    """LoRA A (r x d_in) and B (d_out x r) for each targeted Linear in every layer, summed over
+    the layer groups; fused MoE parameters peft targets through ParamWrapper get A
+    (k*r*E x d_in) and B (d_out x k*r*E) (see layout.ParamTarget)."""
     r = setup.lora_rank
     mats = []
     total = 0
-    for lm in lay.linears:
-        if lm.module in setup.lora_targets:
-            total += r * (lm.d_in + lm.d_out)
-            mats += [(r, lm.d_in, lay.layers), (lm.d_out, r, lay.layers)]
-    return total * lay.layers, tuple(mats)
+    for g in lay.groups:
+        for lm in g.linears:
+            if lm.module in setup.lora_targets:
+                total += r * (lm.d_in + lm.d_out) * g.count
+                mats += [(r, lm.d_in, g.count), (lm.d_out, r, g.count)]
+        for pt in g.param_targets:
+            if pt.module in setup.lora_targets:
+                rr = pt.rank_mult * r * pt.experts
+                total += rr * (pt.d_in + pt.d_out) * g.count
+                mats += [(rr, pt.d_in, g.count), (pt.d_out, rr, g.count)]
+    return total, tuple(mats)
 
 
 def prefix_params(arch: ArchConfig, setup: Setup) -> int:
@@ -61,21 +69,22 @@ def prefix_params(arch: ArchConfig, setup: Setup) -> int:
 def ia3_params(lay: Layout, arch: ArchConfig) -> int:
     """peft IA3 defaults for decoder LMs: scale vectors on k_proj and v_proj outputs and on the
     down projection's input (peft TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)."""
-    per_layer = 0
-    for lm in lay.linears:
-        if lm.module in ("k_proj", "v_proj", "c_attn", "qkv_proj"):
-            per_layer += lm.d_out
-        elif lm.module in ("down_proj", "mlp.c_proj", "fc2"):
-            per_layer += lm.d_in
     if arch.family == "gpt2":
-        per_layer = 3 * arch.hidden + arch.intermediate  # c_attn out + mlp.c_proj in
-    return per_layer * lay.layers
+        return (3 * arch.hidden + arch.intermediate) * lay.layers  # c_attn out + mlp.c_proj in
+    total = 0
+    for g in lay.groups:
+        for lm in g.linears:
+            if lm.module in ("k_proj", "v_proj", "c_attn", "qkv_proj"):
+                total += lm.d_out * g.count
+            elif lm.module in ("down_proj", "mlp.c_proj", "fc2"):
+                total += lm.d_in * g.count
+    return total
 
 
 def trainable(lay: Layout, arch: ArchConfig, setup: Setup, dense_bytes: int) -> Trainable:
     m = setup.method
     if m in ("full", "galore"):
-        mats = tuple((lm.d_out, lm.d_in, lay.layers) for lm in lay.linears)
+        mats = tuple((lm.d_out, lm.d_in, g.count) for g in lay.groups for lm in g.linears)
         other = [(arch.vocab, arch.hidden, 1 if arch.tied else 2)]
         if arch.family == "gpt2":
             other.append((arch.max_positions, arch.hidden, 1))
@@ -95,6 +104,6 @@ def trainable(lay: Layout, arch: ArchConfig, setup: Setup, dense_bytes: int) -> 
         n = ia3_params(lay, arch)
         return Trainable(n, ADAPTER_BYTES, 3 * lay.layers, max(arch.intermediate, arch.kv_dim))
     if m == "bitfit":
-        n = lay.layer_biases * lay.layers + (lay.final_norm_params - arch.hidden if arch.family == "gpt2" else 0)
+        n = lay.biases_total + (lay.final_norm_params - arch.hidden if arch.family == "gpt2" else 0)
         return Trainable(n, dense_bytes, 0, arch.intermediate)
     raise AssertionError(m)

@@ -65,18 +65,32 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+# peft 0.21 utils/transformers_weight_conversion.py _MOE_TARGET_MODULE_MAPPING: for the model types
+# whose MoE transformers 5 fused (ArchConfig.peft_moe_pattern), "all-linear" resolves to the
+# nn.Linear leaf names plus these v4 names, and every target with one of these leaf names is moved
+# to `target_parameters` (router weight, fused experts) -- so a dense MLP or shared expert whose
+# Linear shares such a name (DeepSeek-V3 layer 0 gate_proj, shared_experts.*) gets no adapter.
+# Verified on tiny Mixtral/Qwen3-MoE/DeepSeek-V3/Llama4/gpt-oss models built on CPU.
+PEFT_MOE_V4_NAMES = {"mixtral": ("gate", "w1", "w2", "w3"), "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
+
+
 def resolve_targets(model: ModelSpec, targets: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """LoRA target modules: 'all-linear' (every Linear in the decoder layers, as peft does),
-    'attention', or names as in the HF model ('q_proj,v_proj')."""
+    """LoRA target modules as peft 0.21 on transformers 5 resolves them: 'all-linear' (every
+    nn.Linear in the decoder layers -- never lm_head -- and, for fused-MoE types, the router weight
+    and fused experts as target parameters), 'attention', or names as in the HF model
+    ('q_proj,v_proj', 'experts.gate_up_proj')."""
     lay = layout(model)
-    available = {lm.module for lm in lay.linears}
+    linear = {lm.module for g in lay.groups for lm in g.linears}
+    params = {pt.module for g in lay.groups for pt in g.param_targets}
+    available = linear | params
     if not available:
         raise VramplanError(f"model {model.name!r} has no Linear modules LoRA can target")
     if isinstance(targets, str):
         if targets in ("all-linear", "all"):
-            return tuple(sorted(available))
+            moved = set(PEFT_MOE_V4_NAMES.get(model.arch.peft_moe_pattern or "", ()))
+            return tuple(sorted((linear - moved) | params))
         if targets in ("attention", "attn"):
-            return tuple(sorted({lm.module for lm in lay.linears if lm.kind == "attn"}))
+            return tuple(sorted({lm.module for g in lay.groups for lm in g.linears if lm.kind == "attn"}))
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     out = []
     for t in targets:
@@ -116,7 +130,12 @@ def make_setup(model: ModelSpec, **opts: Any) -> Setup:
     if method in ("lora", "qlora"):
         _posint("lora_rank", lora_rank)
         targets = resolve_targets(model, lora_targets)
-        limit = min(min(lm.d_in, lm.d_out) for lm in layout(model).linears if lm.module in targets)
+        # peft itself never bounds the rank (r=8 on a 4-expert router and on Qwen2-MoE's 1-wide
+        # shared_expert_gate both build); vramplan refuses a rank above the smallest attention/MLP
+        # projection, where LoRA stops being low-rank, and lets routers and gates through.
+        dims = [min(lm.d_in, lm.d_out) for g in layout(model).groups for lm in g.linears
+                if lm.module in targets and lm.kind != "router"]
+        limit = min(dims) if dims else lora_rank
         if lora_rank > limit:
             raise VramplanError(f"lora_rank {lora_rank} exceeds the smallest target matrix dimension ({limit}); allowed: 1..{limit}")
         if not 0.0 <= lora_dropout < 1.0:

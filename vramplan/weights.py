@@ -38,11 +38,14 @@ def quantised_linear_bytes(*, d_in: int, d_out: int, dtype: str, double_quant: b
 
 @dataclass(frozen=True)
 class WeightBytes:
-    """Base model parameters on the device: quantised Linear weights, and everything else."""
+    """Base model parameters on the device: quantised Linear weights, and everything else.
+    `unquantised_linear_params` counts the Linear-like weights a 4/8-bit load leaves in 16 bits
+    (fused 3-D MoE experts, custom routers, nn.Linear subclasses): part of `dense_params`."""
 
     quantised_bytes: int
     dense_bytes: int
     dense_params: int
+    unquantised_linear_params: int = 0
 
     @property
     def total(self) -> int:
@@ -52,13 +55,20 @@ class WeightBytes:
 def base_weight_bytes(*, lay: Layout, dtype: str, dense_bytes_per_param: int, double_quant: bool,
                       quantised: bool) -> WeightBytes:
     """Weights as loaded (and, for a quantised base, after peft's kbit preparation when
-    `dense_bytes_per_param` is 4). Only nn.Linear (and GPT-2 Conv1D) layers of the decoder are
-    quantised; embeddings, norms, biases, lm_head and fused MoE experts keep a dense dtype
-    (transformers' bitsandbytes integration skips lm_head; peft prepare_model_for_kbit_training
-    upcasts every non-quantised fp16/bf16 parameter to fp32, peft/utils/other.py)."""
+    `dense_bytes_per_param` is 4), summed over the layer groups. Only modules whose type is
+    exactly nn.Linear (and GPT-2 Conv1D) are quantised (transformers 5 integrations/bitsandbytes.py
+    replace_with_bnb_linear); embeddings, norms, biases, lm_head (quantizers/base.py
+    get_keys_to_not_convert), fused MoE experts (nn.Parameter, not nn.Linear), custom routers and
+    Linear subclasses (Llama4Router) keep a dense dtype (peft prepare_model_for_kbit_training upcasts
+    every non-quantised fp16/bf16 parameter to fp32, peft/utils/other.py)."""
     if not quantised:
         return WeightBytes(0, lay.params_total * dense_bytes_per_param, lay.params_total)
-    q = lay.layers * sum(quantised_linear_bytes(d_in=lm.d_in, d_out=lm.d_out, dtype=dtype, double_quant=double_quant)
-                         for lm in lay.linears)
-    dense = lay.params_total - lay.layers * sum(lm.numel for lm in lay.linears)
-    return WeightBytes(q, dense * dense_bytes_per_param, dense)
+    q = qn = 0
+    for g in lay.groups:
+        q += g.count * sum(quantised_linear_bytes(d_in=lm.d_in, d_out=lm.d_out, dtype=dtype, double_quant=double_quant)
+                           for lm in g.linears if lm.quantisable)
+        qn += g.count * g.quantisable_params
+    kept = sum(g.count * (g.linear_params - g.quantisable_params + g.expert_params + g.router_params)
+               for g in lay.groups)
+    dense = lay.params_total - qn
+    return WeightBytes(q, dense * dense_bytes_per_param, dense, kept)

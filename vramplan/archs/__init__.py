@@ -1,0 +1,3 @@
+"""Architecture descriptions: the normalised hyperparameters read from an HF config.json
+(`hf`), the dataclasses they fill (`spec`), and the per-tensor inventory built from them
+(`layers`). `vramplan.arch` re-exports the public names."""
