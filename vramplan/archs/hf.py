@@ -180,6 +180,11 @@ def _experts(cfg: dict[str, Any]) -> int:
 def arch_from_hf_config(raw: dict[str, Any], name: str = "custom") -> ArchConfig:
     """Read an HF config.json dict (keys as transformers writes them) into an ArchConfig."""
     mt = raw.get("model_type")
+    if mt not in DEFAULTS and isinstance(raw.get("text_config"), dict):
+        # Multimodal wrappers (gemma3, llama4) keep the language model under text_config; an
+        # absent text model_type is the wrapper's text config class (Gemma3Config -> gemma3_text).
+        text = raw["text_config"]
+        return arch_from_hf_config({"model_type": f"{mt}_text", **text}, name)
     if mt not in DEFAULTS:
         raise VramplanError(
             f"config {name!r}: model_type {mt!r} is not supported; supported: {', '.join(sorted(DEFAULTS))}"

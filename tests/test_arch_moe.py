@@ -1,0 +1,135 @@
+"""Heterogeneous layers, MoE LoRA targets (peft 0.21 on transformers 5) and what a 4-bit load
+leaves in 16 bits."""
+
+from __future__ import annotations
+
+import pytest
+
+from vramplan.arch import arch_from_hf_config, build_spec
+from vramplan.catalog import resolve_model
+from vramplan.layout import layout
+from vramplan.setup import resolve_targets
+
+
+@pytest.mark.parametrize(("name", "published"), [
+    ("granite-3.3-8b", 8_170_864_640), ("qwen3-30b-a3b", 30_532_122_624), ("gpt-oss-20b", 20_914_757_184),
+    ("gpt-oss-120b", 116_829_156_672),
+])
+def test_new_architectures_match_published_parameter_totals(name, published):
+    assert resolve_model(name).params_total == published
+
+
+@pytest.mark.parametrize("name", ["gemma-3-27b", "llama-4-maverick", "deepseek-v3", "gpt-oss-20b", "mixtral-8x7b", "gpt2"])
+def test_layer_groups_sum_to_the_exact_parameter_total(name):
+    spec = resolve_model(name)
+    lay = layout(spec)
+    assert sum(g.count for g in lay.groups) == spec.arch.layers
+    glob = lay.embed_params + lay.lm_head_params + lay.final_norm_params
+    assert lay.layer_params_total + glob == spec.params_total
+
+
+def test_deepseek_v3_has_three_dense_layers_then_moe_with_mla():
+    groups = layout(resolve_model("deepseek-v3")).groups
+    assert [(g.count, g.moe, g.mla) for g in groups] == [(3, False, True), (58, True, True)]
+
+
+def test_gemma3_alternates_five_sliding_layers_and_one_full():
+    g = layout(resolve_model("gemma-3-27b")).groups
+    assert [(x.attention, x.window, x.count, x.first) for x in g] == [("sliding", 1024, 52, 0), ("full", None, 10, 5)]
+    assert g[0].norms == ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                          "post_feedforward_layernorm")
+    assert g[0].qk_norm_width == 128
+
+
+def test_llama4_nope_layers_use_full_attention_and_chunked_elsewhere():
+    g = layout(resolve_model("llama-4-scout")).groups
+    assert {(x.attention, x.rope, x.window) for x in g} == {("chunked", True, 8192), ("full", False, None)}
+
+
+def test_gpt_oss_sinks_biases_and_sliding_window_are_exposed():
+    g = layout(resolve_model("gpt-oss-20b")).groups
+    assert all(x.sinks and x.moe for x in g)
+    assert {x.attention: x.window for x in g} == {"sliding": 128, "full": None}
+
+
+def test_olmo2_has_post_norms_only_and_full_width_qk_norms():
+    spec = build_spec(arch_from_hf_config({"model_type": "olmo2", "num_hidden_layers": 2}, "olmo2"))
+    g = layout(spec).groups[0]
+    assert g.norms == ("post_attention_layernorm", "post_feedforward_layernorm")
+    assert g.qk_norm_width == spec.arch.q_dim
+
+
+def test_gemma3_wrapper_config_reads_its_text_config():
+    a = arch_from_hf_config({"model_type": "gemma3", "text_config": {"hidden_size": 1152, "num_hidden_layers": 26}})
+    assert (a.model_type, a.hidden, a.tied) == ("gemma3_text", 1152, True)
+
+
+def test_mixtral_all_linear_targets_attention_router_and_fused_experts_like_peft():
+    assert resolve_targets(resolve_model("mixtral-8x7b"), "all-linear") == (
+        "experts.down_proj", "experts.gate_up_proj", "gate", "k_proj", "o_proj", "q_proj", "v_proj")
+
+
+def test_deepseek_all_linear_skips_dense_and_shared_mlps_as_peft_does():
+    t = resolve_targets(resolve_model("deepseek-v3"), "all-linear")
+    assert "gate_proj" not in t and "down_proj" not in t and "experts.gate_up_proj" in t
+
+
+def test_llama4_all_linear_includes_the_linear_router_and_leaves_experts_alone():
+    t = resolve_targets(resolve_model("llama-4-scout"), "all-linear")
+    assert "router" in t and not any(x.startswith("experts") for x in t)
+
+
+def test_mixtral_qlora_default_rank_is_accepted_and_experts_stay_16_bit():
+    from vramplan.estimator import estimate
+    from vramplan.weights import base_weight_bytes
+
+    est = estimate("mixtral-8x7b", "qlora")
+    assert est.params_trainable > 0
+    lay = layout(resolve_model("mixtral-8x7b"))
+    w = base_weight_bytes(lay=lay, dtype="nf4", dense_bytes_per_param=2, double_quant=True, quantised=True)
+    experts = 32 * 8 * 3 * 4096 * 14336
+    router = 32 * 8 * 4096
+    assert w.unquantised_linear_params == experts + router
+    assert w.dense_params > experts
+
+
+def test_llama4_router_is_linear_for_lora_but_not_quantised():
+    spec = resolve_model("llama-4-scout")
+    router = next(t for t in spec.tensors if t.name.endswith("feed_forward.router.weight"))
+    assert router.linear and not router.quantisable
+    assert not next(t for t in spec.tensors if t.name == "lm_head.weight").quantisable
+
+
+_TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+PEFT_CASES = {
+    "mixtral": dict(_TINY, num_hidden_layers=2, num_local_experts=4),
+    "qwen2_moe": dict(_TINY, num_hidden_layers=2, num_experts=4, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(_TINY, num_hidden_layers=3, num_experts=4, moe_intermediate_size=32, head_dim=16,
+                      mlp_only_layers=[1]),
+    "llama4_text": dict(_TINY, num_hidden_layers=2, num_local_experts=4, intermediate_size_mlp=80, head_dim=16,
+                        interleave_moe_layer_step=2),
+    "gpt_oss": dict(_TINY, num_hidden_layers=2, num_local_experts=4, head_dim=16),
+    "deepseek_v3": dict(_TINY, num_hidden_layers=3, n_routed_experts=4, moe_intermediate_size=32, q_lora_rank=24,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=2,
+                        topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(PEFT_CASES))
+def test_lora_all_linear_trainable_count_equals_peft_on_a_tiny_moe(model_type):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from vramplan.methods import lora_params
+    from vramplan.setup import make_setup
+
+    cfg = PEFT_CASES[model_type]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **cfg))
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    theirs = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    spec = build_spec(arch_from_hf_config({"model_type": model_type, **cfg}, model_type))
+    setup = make_setup(spec, method="lora", lora_rank=8, lora_targets="all-linear")
+    assert lora_params(layout(spec), setup)[0] == theirs
