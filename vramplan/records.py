@@ -133,3 +133,21 @@ def summarise(comps: list[Comparison]) -> Summary:
     errs = sorted(abs(c.error) for c in comps)
     p90 = errs[min(len(errs) - 1, round(0.9 * (len(errs) - 1)))]
     return Summary(len(comps), statistics.median(errs), p90, errs[-1], min(0.0, min(c.error for c in comps)))
+
+
+CUMULATIVE_PHASES = ("forward", "backward", "optimizer_step")
+
+
+def cumulative_peaks(phases: dict[str, int]) -> dict[str, int]:
+    """Peak allocated up to the end of each phase (load counts in all): what max_memory_allocated
+    reads after the forward, the backward and the step."""
+    order = ("load", *CUMULATIVE_PHASES)
+    return {p: max(phases.get(q, 0) for q in order[: order.index(p) + 1]) for p in CUMULATIVE_PHASES}
+
+
+def measured_vs_estimated(rec: dict[str, Any], est: Estimate) -> list[tuple[str, int, int]]:
+    """(phase, measured cumulative peak, estimated cumulative peak) of a record's highest step."""
+    st = max(rec["steps"], key=lambda x: x["peak"])
+    measured = {"forward": st["peak_fwd"], "backward": st["peak_bwd"], "optimizer_step": st["peak"]}
+    est_cum = cumulative_peaks(est.phases)
+    return [(p, measured[p], est_cum[p]) for p in CUMULATIVE_PHASES]

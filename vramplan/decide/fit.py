@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from vramplan.arch import ModelSpec
 from vramplan.catalog import GPU, gpu_catalog, resolve_gpu
 from vramplan.estimator import Estimate
+from vramplan.setup import Setup
+from vramplan.units import fmt_gib
 
 # Above this share of the card's memory a run is "tight": allocator fragmentation and library
 # workspaces that vary between versions can push it over.
@@ -16,10 +19,12 @@ TIGHT_SHARE = 0.90
 @dataclass(frozen=True)
 class GpuFit:
     gpu: GPU
-    verdict: str  # "fits" | "tight" | "does not fit"
+    verdict: str  # "fits" | "tight" | "fits with paging" | "does not fit", + " in fp16" on cards without bf16
     needed_bytes: int
     capacity_bytes: int
     limiting_phase: str
+    notes: tuple[str, ...] = ()
+    paging_host_bytes: int = 0  # paged optimizer states that live in host memory on this card
 
     @property
     def headroom_bytes(self) -> int:
@@ -33,7 +38,8 @@ class GpuFit:
         return {"gpu": self.gpu.name, "verdict": self.verdict, "needed_bytes": self.needed_bytes,
                 "capacity_bytes": self.capacity_bytes, "headroom_bytes": self.headroom_bytes,
                 "headroom_share": round(self.headroom_share, 4), "limiting_phase": self.limiting_phase,
-                "price_hour_usd": self.gpu.price_hour_usd}
+                "price_hour_usd": self.gpu.price_hour_usd, "notes": list(self.notes),
+                "paging_host_bytes": self.paging_host_bytes}
 
 
 def verdict(needed: int, capacity: int) -> str:
@@ -42,9 +48,53 @@ def verdict(needed: int, capacity: int) -> str:
     return "tight" if needed > TIGHT_SHARE * capacity else "fits"
 
 
-def fit_gpu(est: Estimate, gpu: GPU) -> GpuFit:
-    need = est.device_total_bytes
-    return GpuFit(gpu, verdict(need, gpu.usable_bytes), need, gpu.usable_bytes, est.peak_phase)
+def paged_bytes(est: Estimate) -> int:
+    """Optimizer states in CUDA managed memory: they page to the host when the card is full."""
+    return sum(v for k, v in est.outside_allocator.items() if k.startswith("paged"))
+
+
+def uses_bf16(setup: Setup) -> bool:
+    return setup.dtype == "bf16" or setup.quantised  # bitsandbytes computes in bf16 by default
+
+
+def fp16_setup(setup: Setup) -> Setup:
+    """The setup on a card without bf16: fp16 mixed precision (fp32 masters) for methods that train
+    the base, an fp16 base for adapters; a quantised base only computes in fp16 (same memory)."""
+    if setup.quantised:
+        return setup
+    if setup.method in ("full", "galore"):
+        return replace(setup, dtype="fp16", precision="mixed")
+    return replace(setup, dtype="fp16")
+
+
+def _memory_fit(est: Estimate, gpu: GPU) -> GpuFit:
+    need, cap = est.device_total_bytes, gpu.usable_bytes
+    v = verdict(need, cap)
+    paged = paged_bytes(est)
+    if v == "does not fit" and paged and need - paged <= cap:
+        host = need - cap
+        return GpuFit(gpu, "fits with paging", need, cap, est.peak_phase,
+                      (f"paged optimizer states page {fmt_gib(host)} out to host memory",), host)
+    return GpuFit(gpu, v, need, cap, est.peak_phase)
+
+
+def fit_gpu(est: Estimate, gpu: GPU, spec: ModelSpec | None = None) -> GpuFit:
+    """The verdict for one card. On a card without bf16 a bf16 setup is judged in fp16 (needs
+    `spec` to re-estimate; without it the verdict is "no bf16")."""
+    if gpu.bf16 or not uses_bf16(est.setup):
+        return _memory_fit(est, gpu)
+    alt = fp16_setup(est.setup)
+    if alt == est.setup:
+        r = _memory_fit(est, gpu)
+        return replace(r, notes=(*r.notes, f"no bf16 on {gpu.name}: compute in fp16 (bnb_4bit_compute_dtype=float16)"))
+    if spec is None:
+        return GpuFit(gpu, "no bf16", est.device_total_bytes, gpu.usable_bytes, est.peak_phase,
+                      (f"{gpu.name} has no bf16; estimate with dtype fp16",))
+    from vramplan.estimator import estimate_setup
+
+    r = _memory_fit(estimate_setup(spec, alt), gpu)
+    how = "fp16 mixed precision" if alt.precision == "mixed" else "an fp16 base"
+    return replace(r, verdict=f"{r.verdict} in fp16", notes=(*r.notes, f"no bf16 on {gpu.name}: needs {how}"))
 
 
 @dataclass(frozen=True)
@@ -63,10 +113,11 @@ def _cards(gpus: str | list[str] | tuple[str, ...] | None) -> list[GPU]:
     return [resolve_gpu(g) for g in gpus] if gpus else list(gpu_catalog().values())
 
 
-def fit(est: Estimate, gpus: str | list[str] | None = None) -> FitResult:
-    """Check one estimate against the named GPUs (default: the whole catalogue), smallest first."""
+def fit(est: Estimate, gpus: str | list[str] | None = None, *, spec: ModelSpec | None = None) -> FitResult:
+    """Check one estimate against the named GPUs (default: the whole catalogue), smallest first.
+    `spec` (the estimate's model) lets cards without bf16 be judged in fp16."""
     cards = _cards(gpus)
-    rows = sorted((fit_gpu(est, g) for g in cards), key=lambda r: (r.capacity_bytes, r.gpu.name))
+    rows = sorted((fit_gpu(est, g, spec) for g in cards), key=lambda r: (r.capacity_bytes, r.gpu.name))
     return FitResult(est, tuple(rows))
 
 
@@ -85,7 +136,8 @@ class Option:
                 "cost_hour_usd": round(self.cost_hour_usd, 2)}
 
 
-COUNTS = (1, 2, 4, 8, 16, 32, 64)
+# Any count on one node of 8; whole nodes beyond (24 A100s is an answer, not only 16 or 32).
+COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40, 48, 56, 64)
 
 
 def cheapest(spec: Any, setup: Any, *, gpus: list[str] | None = None, counts: tuple[int, ...] = COUNTS,
@@ -120,10 +172,8 @@ def cheapest(spec: Any, setup: Any, *, gpus: list[str] | None = None, counts: tu
 
 def fit_parallel(spec: Any, est: Estimate, par: Any, gpus: str | list[str] | None = None) -> FitResult:
     """Fit verdicts for the per-GPU device total of `est`'s setup under `par` (vramplan.distributed)."""
-    from dataclasses import replace
-
     from vramplan.distributed import estimate_distributed
 
     d = estimate_distributed(spec, est.setup, par)
     per_gpu = replace(est, device_total_bytes=d.per_gpu_device_total_bytes, peak_phase=d.peak_phase)
-    return fit(per_gpu, gpus)
+    return fit(per_gpu, gpus, spec=spec)
