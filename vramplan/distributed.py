@@ -22,12 +22,13 @@ single-GPU model; only trainable parameters carry gradients and optimizer states
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vramplan.allocator import nccl_bytes
 from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError
-from vramplan.estimator import CUDA_CONTEXT_BYTES, Estimate, estimate_setup, reserved_bytes
+from vramplan.estimator import Estimate, estimate_setup
 from vramplan.layout import layout
 from vramplan.optimizers import OPTIMIZERS
 from vramplan.setup import Setup
@@ -36,9 +37,6 @@ FSDP_MODES = ("full_shard", "shard_grad_op", "no_shard")
 OFFLOADS = ("none", "optimizer", "params")
 # torch DistributedDataParallel: bucket_cap_mb=25, two buckets in flight.
 DDP_BUCKET_BYTES = 2 * 25 * 2**20
-# NCCL communicators reserve buffers outside the PyTorch allocator: NCCL_BUFFSIZE 4 MiB per
-# channel and peer; a few hundred MiB per GPU at 8 ranks. An order of magnitude, not measured here.
-NCCL_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -99,6 +97,8 @@ class DistributedEstimate:
     per_gpu_device_total_bytes: int
     cpu_parts: dict[str, int]  # component -> bytes of host RAM per node
     cpu_bytes_per_node: int
+    # where -> bytes per GPU outside the PyTorch allocator (CUDA context, NCCL buffers)
+    per_gpu_outside_allocator: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak_phase(self) -> str:
@@ -109,7 +109,8 @@ class DistributedEstimate:
                 "per_gpu": {"peak_allocated_bytes": self.per_gpu_peak_allocated_bytes,
                             "peak_reserved_bytes": self.per_gpu_reserved_bytes,
                             "device_total_bytes": self.per_gpu_device_total_bytes,
-                            "peak_phase": self.peak_phase, "phases": dict(self.gpu_phases), "breakdown": dict(self.gpu_parts)},
+                            "peak_phase": self.peak_phase, "phases": dict(self.gpu_phases), "breakdown": dict(self.gpu_parts),
+                            "outside_allocator": dict(self.per_gpu_outside_allocator)},
                 "cpu": {"bytes_per_node": self.cpu_bytes_per_node, "breakdown": dict(self.cpu_parts)}}
 
 
@@ -208,8 +209,10 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     phases = {k: sum(v.values()) for k, v in gpu.items()}
     peak_phase = max(phases, key=lambda p: phases[p])
     peak = phases[peak_phase]
-    reserved = reserved_bytes(peak)
-    total = reserved + CUDA_CONTEXT_BYTES + (NCCL_BYTES if n > 1 else 0)
+    # the micro-batch's allocator slack (vramplan.allocator: same logits/activation sizes per GPU)
+    reserved = peak + single.peak_reserved_bytes - single.peak_allocated_bytes
+    outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl_bytes(world_size=n)}
+    total = reserved + sum(outside.values())
     parts = {k: v for k, v in gpu[peak_phase].items() if v}
     return DistributedEstimate(single, par, phases, parts, peak, reserved, total, {k: v for k, v in cpu.items() if v},
-                               sum(cpu.values()))
+                               sum(cpu.values()), outside)

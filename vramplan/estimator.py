@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vramplan.activations import attention_kernel, checkpoint_bytes, head_activations, layer_activations, stream_dtypes
+from vramplan.activations import attention_kernel, checkpoint_bytes, head_activations, layer_activations, micro_batch_tokens, stream_dtypes
+from vramplan.allocator import DEFAULT_CUDA_CONTEXT_BYTES, peak_reserved_bytes, same_shape_state_copies, step_pools
 from vramplan.arch import ModelSpec
 from vramplan.catalog import resolve_model
 from vramplan.errors import VramplanError
@@ -22,22 +23,11 @@ from vramplan.weights import DTYPE_BYTES, base_weight_bytes
 # (aten/src/ATen/cuda/CublasHandlePool.cpp), plus 1 MiB seen beside them; read off traced runs
 # (data/measurements: ~65 MiB alive after every step, on top of weights and optimizer states).
 CUBLAS_WORKSPACE_BYTES = 65 * MiB
-# CUDA context, kernels and library handles outside the allocator: device used minus peak
-# reserved, 767 MiB in every sequential run on H100 80GB HBM3 (driver 580.159, torch 2.11+cu130)
-# in data/measurements. Card- and version-dependent: override with context_bytes=.
-CUDA_CONTEXT_BYTES = 767 * MiB
-# The caching allocator reserves more than it hands out (2 MiB-rounded segments, blocks split
-# and cached): median peak_reserved / peak_allocated over the committed records, see
-# tests/test_validation.py::test_reserved_estimate_median_error for its accuracy.
-RESERVED_OVERHEAD = 0.06
-RESERVED_FLOOR = 64 * MiB
+# CUDA context, kernels and library handles outside the allocator (vramplan.allocator; per card
+# generation in data/gpu_specs.yaml): override with context_bytes=.
+CUDA_CONTEXT_BYTES = DEFAULT_CUDA_CONTEXT_BYTES
 
 PHASES = ("load", "forward", "backward", "optimizer_step")
-
-
-def reserved_bytes(peak_allocated: int) -> int:
-    """Peak reserved: the caching allocator's slack on top of the peak allocated."""
-    return int(peak_allocated * (1 + RESERVED_OVERHEAD)) + RESERVED_FLOOR
 
 
 @dataclass(frozen=True)
@@ -155,7 +145,14 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     else:
         parts = {"weights": w.total, "adapters": adapters}
     assert sum(parts.values()) == peak, (parts, peak)
-    reserved = reserved_bytes(peak)
+    reserved = peak_reserved_bytes(peak_allocated_bytes=peak, pools=step_pools(
+        lay=lay, weight_bytes_per_param=dense_b, linear_bytes_per_param=0.5 if setup.quantised else None,
+        trainable_copies=(1 + same_shape_state_copies(optimizer=setup.optimizer)) if tr.base_trainable else 0,
+        trainable_bytes_per_param=tr.bytes_per_param, persistent_bytes=steady + accum + retained,
+        vocab_peak_bytes=head.saved + max(head.logits + head.fwd_transient, hold + head.bwd_transient),
+        activation_peak_bytes=acts - head.saved - retained + (layer.saved if setup.grad_checkpointing else 0),
+        param_shaped_peak_bytes=grads + max(opt.step_transient, emb_grad),
+        split_vocab_bytes=0 if setup.grad_checkpointing else 4 * arch.vocab * micro_batch_tokens(setup)))
     outside = {"cuda_context": context_bytes}
     if opt.managed:
         outside["paged_optimizer_states (CUDA managed memory)"] = opt.managed

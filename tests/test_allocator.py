@@ -1,0 +1,130 @@
+"""Peak reserved and device totals: the caching allocator's rules, and every measured record
+re-estimated within its signed band (data/reserved_baseline.json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from vramplan.allocator import (
+    LARGE_BUFFER_BYTES,
+    NCCL_INIT_BYTES,
+    SMALL_BUFFER_BYTES,
+    StepPools,
+    device_total_on,
+    nccl_bytes,
+    packed_segment_bytes,
+    peak_reserved_bytes,
+    round_request_bytes,
+    segment_bytes,
+)
+from vramplan.catalog import gpu_catalog, resolve_gpu
+from vramplan.estimator import estimate
+from vramplan.units import MiB
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import update_reserved_baseline as baseline  # noqa: E402
+
+BASELINE = json.loads((ROOT / "data" / "reserved_baseline.json").read_text())["records"]
+# Device totals still under-estimated by more than 5%, and why (the final report of issue 16):
+# QLoRA/int8 with checkpointing strand more than one layer's forward blocks (bitsandbytes
+# dequantises each weight into a parameter-shaped temporary that activation blocks cannot hold);
+# Adafactor's factored step allocates row/column temporaries of many sizes; FSDP parameter offload
+# copies flat parameters host<->device through blocks the model does not describe.
+
+
+@cache
+def _now() -> dict:
+    return baseline.current()
+
+
+KNOWN_UNDER = {"g9b-lora-ckpt-b1s2048", "l1b-full-adafactor-b2s1024", "l1b-full-eager-ckpt-b2s2048",
+               "l3b-fsdp-offparams-full-ckpt-b4s2048", "l8b-lora-int8-ckpt-b2s1024", "l8b-qlora-paged8-ckpt-b1s4096",
+               "m7b-qlora64-ckpt-b2s2048", "probe-l1b-qlora-ckpt-b1s4096"}
+
+
+def test_request_rounding_follows_round_size():
+    assert round_request_bytes(size_bytes=1) == 512
+    assert round_request_bytes(size_bytes=513) == 1024
+
+
+def test_segment_sizes_follow_get_allocation_size():
+    assert segment_bytes(size_bytes=4096) == SMALL_BUFFER_BYTES  # small pool: 2 MiB segments
+    assert segment_bytes(size_bytes=1 * MiB + 512) == LARGE_BUFFER_BYTES  # 1-10 MiB: 20 MiB segments
+    assert segment_bytes(size_bytes=10 * MiB) == 10 * MiB  # own segment, 2 MiB multiple
+    assert segment_bytes(size_bytes=11 * MiB) == 12 * MiB
+
+
+def test_mid_sized_tensors_share_20_mib_segments():
+    assert packed_segment_bytes(tensor_bytes=[8 * MiB, 8 * MiB, 2 * MiB, 2 * MiB]) == 20 * MiB
+    assert packed_segment_bytes(tensor_bytes=[8 * MiB] * 3) == 40 * MiB
+    assert packed_segment_bytes(tensor_bytes=[4096] * 3) == 2 * MiB
+
+
+def test_reserved_never_below_allocated():
+    pools = StepPools(persistent_bytes=0, vocab_peak_bytes=0, activation_peak_bytes=0, param_shaped_peak_bytes=0)
+    assert peak_reserved_bytes(peak_allocated_bytes=10 * MiB, pools=pools) == 10 * MiB
+    for kw in ({}, {"method": "lora"}, {"grad_checkpointing": True}):
+        e = estimate("llama-3.2-1b", batch_size=2, seq_len=1024, **kw)
+        assert e.peak_reserved_bytes >= e.peak_allocated_bytes
+
+
+def test_gradients_that_cannot_reuse_activation_blocks_strand_beside_the_logits():
+    pools = StepPools(persistent_bytes=100, vocab_peak_bytes=50, activation_peak_bytes=5, param_shaped_peak_bytes=40)
+    assert peak_reserved_bytes(peak_allocated_bytes=150, pools=pools) == 190
+    assert peak_reserved_bytes(peak_allocated_bytes=150, pools=pools, expandable_segments=True) == 150
+
+
+def test_checkpointed_full_finetune_reserves_beyond_its_peak():
+    # ref-l1b-full-bf16-ckpt-b2s1024 measured 16129196032 B reserved for 12956899328 B allocated
+    e = estimate("llama-3.2-1b", "full", batch_size=2, seq_len=1024, grad_checkpointing=True)
+    assert e.peak_reserved_bytes > 1.2 * e.peak_allocated_bytes
+
+
+def test_nccl_is_outside_the_allocator_and_grows_with_peers():
+    assert nccl_bytes(world_size=1) == NCCL_INIT_BYTES
+    assert nccl_bytes(world_size=8) > nccl_bytes(world_size=1)
+
+
+def test_every_gpu_has_a_sourced_cuda_context():
+    for g in gpu_catalog().values():
+        assert 256 * MiB <= g.cuda_context_bytes <= 2048 * MiB, g.name
+    assert resolve_gpu("h100").cuda_context_bytes == 767 * MiB
+
+
+def test_device_total_uses_the_cards_context():
+    e = estimate("llama-3.2-1b", "lora", batch_size=1, seq_len=512)
+    g = resolve_gpu("h100")
+    assert device_total_on(e, g) == e.peak_reserved_bytes + e.outside_allocator_bytes
+
+
+def test_baseline_and_records_match_one_to_one():
+    assert set(BASELINE) == set(_now())
+
+
+@pytest.mark.parametrize("key", sorted(BASELINE))
+def test_record_within_its_band(key):
+    now = _now()[key]
+    for kind in ("reserved", "device"):
+        if f"{kind}_band" in BASELINE[key]:
+            lo, hi = BASELINE[key][f"{kind}_band"]
+            assert lo <= now[f"{kind}_error"] <= hi, (key, kind, now[f"{kind}_error"], (lo, hi))
+
+
+def test_bands_keep_their_sign():
+    for key, entry in BASELINE.items():
+        for kind in ("reserved", "device"):
+            if f"{kind}_band" in entry:
+                lo, hi = entry[f"{kind}_band"]
+                err = entry[f"{kind}_error"]
+                assert (lo >= -baseline.SIGN_SLACK) if err >= 0 else (hi <= baseline.SIGN_SLACK), key
+
+
+def test_device_total_under_by_at_most_5_percent_except_known():
+    under = {k.split("@")[0] for k, e in BASELINE.items() if e.get("device_error", 0) < -0.05}
+    assert under <= KNOWN_UNDER, under - KNOWN_UNDER

@@ -1,0 +1,210 @@
+"""Peak reserved memory and device totals from the PyTorch CUDA caching allocator's behaviour.
+
+The caching allocator (c10/cuda/CUDACachingAllocator.cpp; its size constants live in
+c10/core/AllocatorConfig.h since torch 2.9) never hands freed memory back to CUDA on its own:
+- every request is rounded up to a multiple of 512 B (`round_size`, kMinBlockSize);
+- requests of at most 1 MiB come from the small pool, carved out of 2 MiB segments; larger ones
+  from the large pool, out of 20 MiB segments when under 10 MiB, else from a segment of their own
+  rounded up to 2 MiB (`get_allocation_size`: kSmallSize, kSmallBuffer, kLargeBuffer,
+  kMinLargeAlloc, kRoundLarge);
+- a free block serves any request no larger than itself (best fit, `get_free_block`) and is split,
+  but segments are never merged with each other, so a freed block can never serve a larger
+  request; it stays reserved (cached) until `empty_cache()`;
+- `expandable_segments:True` maps pages into one growing segment per stream instead, so a larger
+  request extends the segment and the stranded blocks below are mostly gone.
+
+So peak reserved is the peak allocated plus what is cached but cannot be reused. Over a training
+step the dynamic tensors come in three size classes that reuse each other's blocks only from large
+to small: vocabulary-sized buffers (logits, their fp32 copy, log-softmax output and gradients,
+b x s x V), activation tensors (b x s x hidden/intermediate), and parameter-shaped tensors
+(gradients, optimizer-step temporaries). From the second step on, the first step's optimizer
+states sit in blocks the logits once used, so the vocabulary buffers of every later step need
+segments of their own, and parameter-shaped tensors can only reuse freed activation blocks:
+    reserved = persistent + vocab peak + max(activation peak, parameter-shaped peak)
+This is a lifetime argument on sizes the estimator knows, not a ratio; the records that pin it are
+named in tests/test_allocator.py and data/reserved_baseline.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vramplan.optimizers import OPTIMIZERS
+from vramplan.units import MiB
+
+if TYPE_CHECKING:
+    from vramplan.catalog import GPU
+    from vramplan.estimator import Estimate
+    from vramplan.layout import Layout
+
+# c10/core/AllocatorConfig.h (torch 2.11; before 2.9 in c10/cuda/CUDACachingAllocator.cpp)
+MIN_BLOCK_BYTES = 512  # kMinBlockSize: every request is rounded up to a multiple of this
+SMALL_SIZE_BYTES = 1 * MiB  # kSmallSize: the largest "small" request
+SMALL_BUFFER_BYTES = 2 * MiB  # kSmallBuffer: small requests are packed in 2 MiB segments
+LARGE_BUFFER_BYTES = 20 * MiB  # kLargeBuffer: requests between 1 and 10 MiB share 20 MiB segments
+MIN_LARGE_ALLOC_BYTES = 10 * MiB  # kMinLargeAlloc: from here a request gets its own segment
+ROUND_LARGE_BYTES = 2 * MiB  # kRoundLarge: own segments are rounded up to 2 MiB
+
+
+def round_request_bytes(*, size_bytes: int) -> int:
+    """CUDACachingAllocator.cpp `round_size`: at least 512 B, a multiple of 512 B."""
+    return max(MIN_BLOCK_BYTES, -(-size_bytes // MIN_BLOCK_BYTES) * MIN_BLOCK_BYTES)
+
+
+def segment_bytes(*, size_bytes: int) -> int:
+    """CUDACachingAllocator.cpp `get_allocation_size`: the cudaMalloc made for a request that no
+    cached block can serve."""
+    if size_bytes <= SMALL_SIZE_BYTES:
+        return SMALL_BUFFER_BYTES
+    if size_bytes < MIN_LARGE_ALLOC_BYTES:
+        return LARGE_BUFFER_BYTES
+    return -(-size_bytes // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES
+
+
+def packed_segment_bytes(*, tensor_bytes: Iterable[int]) -> int:
+    """Segments reserved for long-lived tensors allocated one after another into an empty pool:
+    small ones packed into 2 MiB segments, 1-10 MiB ones into 20 MiB segments (first fit in
+    allocation order), larger ones in segments of their own rounded to 2 MiB."""
+    small = 0
+    large = 0
+    free_in_segments: list[int] = []  # room left in each 20 MiB segment
+    for size in tensor_bytes:
+        r = round_request_bytes(size_bytes=size)
+        if r <= SMALL_SIZE_BYTES:
+            small += r
+        elif r < MIN_LARGE_ALLOC_BYTES:
+            for i, room in enumerate(free_in_segments):
+                if room >= r:
+                    free_in_segments[i] -= r
+                    break
+            else:
+                free_in_segments.append(LARGE_BUFFER_BYTES - r)
+        else:
+            large += segment_bytes(size_bytes=r)
+    small_segments = -(-small // SMALL_BUFFER_BYTES) * SMALL_BUFFER_BYTES
+    return small_segments + large + LARGE_BUFFER_BYTES * len(free_in_segments)
+
+
+def rounding_bytes(*, tensor_bytes: list[int], copies: int = 1) -> int:
+    """Reserved minus allocated for `copies` sets of long-lived tensors of these sizes (weights,
+    then one set per gradient/optimizer state of the same shapes)."""
+    if copies <= 0 or not tensor_bytes:
+        return 0
+    return copies * (packed_segment_bytes(tensor_bytes=tensor_bytes) - sum(tensor_bytes))
+
+
+@dataclass(frozen=True)
+class StepPools:
+    """The bytes of one training step grouped by lifetime and size class (see the module doc)."""
+
+    persistent_bytes: int  # weights, optimizer states, workspaces, accumulated gradients
+    vocab_peak_bytes: int  # the most vocabulary-sized buffers alive at once (logits and loss)
+    activation_peak_bytes: int  # the most activation tensors alive at once
+    param_shaped_peak_bytes: int  # gradients plus the optimizer step's parameter-shaped temporaries
+    rounding_bytes: int = 0  # segment rounding of the long-lived tensors (packed_segment_bytes)
+    split_vocab_bytes: int = 0  # a freed vocabulary-sized block split by smaller requests (see peak_reserved_bytes)
+
+
+def param_tensor_bytes(*, lay: Layout, bytes_per_param: float, linear_bytes_per_param: float | None = None) -> list[int]:
+    """Every parameter tensor's bytes in allocation order (layer by layer, then embeddings/head);
+    `linear_bytes_per_param` for quantised Linear weights (0.5 for 4-bit)."""
+    lin_b = bytes_per_param if linear_bytes_per_param is None else linear_bytes_per_param
+    n_other = 2 + sum(lm.bias for lm in lay.linears)  # two norms and the biases of a layer
+    other = int(bytes_per_param * (lay.layer_dense_other - lay.layer_expert_params)) // max(1, n_other)
+    layer = [int(lin_b * lm.numel) for lm in lay.linears] + [other] * n_other
+    if lay.layer_expert_params:
+        layer.append(int(bytes_per_param * lay.layer_expert_params))
+    tail = [int(bytes_per_param * n) for n in (lay.embed_params, lay.lm_head_params, lay.final_norm_params) if n]
+    return layer * lay.layers + tail
+
+
+def same_shape_state_copies(*, optimizer: str) -> int:
+    """Optimizer states kept as full parameter-shaped tensors in the parameter's dtype (torch
+    optimizers: AdamW's exp_avg/exp_avg_sq); 8-bit and factored states have other sizes."""
+    spec = OPTIMIZERS[optimizer]
+    return spec.states if spec.state_bytes is None and not spec.paged else 0
+
+
+def step_pools(*, lay: Layout, weight_bytes_per_param: float, linear_bytes_per_param: float | None,
+               trainable_copies: int, trainable_bytes_per_param: float, persistent_bytes: int, vocab_peak_bytes: int,
+               activation_peak_bytes: int, param_shaped_peak_bytes: int, split_vocab_bytes: int = 0) -> StepPools:
+    """StepPools with the segment rounding of the weights and of `trainable_copies` parameter-shaped
+    copies (gradients, optimizer states) of a fully trained model."""
+    rounding = rounding_bytes(tensor_bytes=param_tensor_bytes(lay=lay, bytes_per_param=weight_bytes_per_param,
+                                                                linear_bytes_per_param=linear_bytes_per_param))
+    if trainable_copies and trainable_bytes_per_param:
+        rounding += rounding_bytes(tensor_bytes=param_tensor_bytes(lay=lay, bytes_per_param=trainable_bytes_per_param),
+                                   copies=trainable_copies)
+    return StepPools(persistent_bytes=persistent_bytes, vocab_peak_bytes=vocab_peak_bytes,
+                     activation_peak_bytes=activation_peak_bytes, param_shaped_peak_bytes=param_shaped_peak_bytes,
+                     rounding_bytes=rounding, split_vocab_bytes=split_vocab_bytes)
+
+
+def peak_reserved_bytes(*, peak_allocated_bytes: int, pools: StepPools, expandable_segments: bool = False) -> int:
+    """Peak reserved (torch.cuda.max_memory_reserved) of a training loop, never below the peak
+    allocated. With expandable segments the class stranding goes and only rounding stays."""
+    slack = pools.rounding_bytes
+    if expandable_segments:
+        return peak_allocated_bytes + slack
+    # Without checkpointing the backward's activation gradients are carved out of the block the
+    # fp32 logits copy (4 B x tokens x vocab) left, so the next step's copy needs a segment of its
+    # own: l1b-full-sgd-b2s1024 strands 1034 MiB = 1002 MiB (its 4TV) + 32 MiB, and the LoRA, prefix
+    # and 8-bit runs of data/measurements strand one such block each. Parameter-shaped tensors
+    # that do not fit in freed activation blocks strand the same way (l1b-full-adamw-b2s1024).
+    dynamic = max(pools.activation_peak_bytes + pools.split_vocab_bytes, pools.param_shaped_peak_bytes)
+    stranded = pools.persistent_bytes + pools.vocab_peak_bytes + dynamic
+    return max(peak_allocated_bytes, stranded) + slack
+
+
+# --------------------------------------------------------------------------------------------
+# Outside the allocator
+# --------------------------------------------------------------------------------------------
+# CUDA context, kernel images and library handles: device used minus peak reserved, 767 MiB in
+# every sequential single-GPU run of data/measurements (H100 80GB HBM3, driver 580.159, torch
+# 2.11+cu130; e.g. ref-q05-full-bf16-b4s512: 11832983552 - 11028922368 B). Per card generation
+# in data/gpu_specs.yaml (`cuda_context`); this is the default for a card without a figure.
+DEFAULT_CUDA_CONTEXT_BYTES = 767 * MiB
+
+# NCCL (docs.nvidia.com/deeplearning/nccl, user guide "Environment Variables"): NCCL_BUFFSIZE,
+# default 4 MiB, is the Simple-protocol buffer of one connection; LL128 and LL add their own
+# (NCCL src/include/device.h: LL128 ~4.5 MiB, LL 256 KiB a connection at defaults). Buffers are
+# allocated by NCCL through cuMem, outside PyTorch's allocator, per channel and per connected peer.
+NCCL_BUFFSIZE_BYTES = 4 * MiB
+NCCL_CONNECTION_BYTES = NCCL_BUFFSIZE_BYTES + (9 * MiB) // 2 + MiB // 4  # Simple + LL128 + LL
+# NCCL_MAX_NCHANNELS: NCCL opens up to 32 channels between NVLink-connected Hopper GPUs
+# (NCCL_MAX_NCHANNELS default 32 in the NCCL docs); each channel connects to its ring neighbour
+# and its tree parent/child: 2 receiving connections a channel.
+NCCL_CHANNELS = 32
+NCCL_PEERS_PER_CHANNEL = 2
+# NCCL's own kernels, communicator and proxy state once the process group exists, even on one
+# rank: device used minus peak reserved minus the 767 MiB context in the world-size-1 runs of
+# data/measurements/h100_2026-11-24_dist.jsonl (l3b-fsdp-full-ckpt-b4s2048: 1331 - 767 = 564 MiB;
+# the DeepSpeed ones 566-646 MiB, which load DeepSpeed's extensions too).
+NCCL_INIT_BYTES = 646 * MiB
+
+
+def nccl_bytes(*, world_size: int) -> int:
+    """Per-rank NCCL memory outside the PyTorch allocator once a process group is in use."""
+    if world_size <= 1:
+        return NCCL_INIT_BYTES
+    return NCCL_INIT_BYTES + NCCL_CHANNELS * NCCL_PEERS_PER_CHANNEL * NCCL_CONNECTION_BYTES
+
+
+def device_total_bytes(*, peak_reserved_bytes: int, outside_allocator: dict[str, int],
+                       context_bytes: int | None = None) -> int:
+    """What nvidia-smi shows at the peak: reserved + everything outside the allocator. With
+    `context_bytes` (a card's `GPU.cuda_context_bytes`) the estimate's own `cuda_context` line is
+    replaced by the card's."""
+    outside = dict(outside_allocator)
+    if context_bytes is not None:
+        outside["cuda_context"] = context_bytes
+    return peak_reserved_bytes + sum(outside.values())
+
+
+def device_total_on(estimate: Estimate, gpu: GPU) -> int:
+    """Device total of `estimate` on card `gpu`: the estimate's reserved and outside-allocator lines
+    with the card generation's CUDA context (data/gpu_specs.yaml `cuda_context`)."""
+    return device_total_bytes(peak_reserved_bytes=estimate.peak_reserved_bytes,
+                              outside_allocator=estimate.outside_allocator, context_bytes=gpu.cuda_context_bytes)
