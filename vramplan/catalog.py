@@ -89,6 +89,22 @@ def load_config_json(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def _hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether huggingface.co answers within `timeout_s` (HF_HUB_OFFLINE=1 means no): an offline
+    look-up fails at once instead of retrying for ~25 s."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def _hub_config(model_id: str, trust_remote_code: bool) -> dict[str, Any]:
     """A hub id's config through transformers (its offline cache counts); never executes remote
     code unless asked."""
@@ -99,12 +115,33 @@ def _hub_config(model_id: str, trust_remote_code: bool) -> dict[str, Any]:
             f"unknown model {model_id!r}: not in the catalogue (see `vramplan models`), not a local path, "
             "and transformers is not installed to read it from the hub"
         ) from None
+    try:  # the local cache first: no network, no retries
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code, local_files_only=True).to_dict()
+    except Exception:  # not cached: ask the hub below, if it can be reached
+        pass
+    if not _hub_reachable():
+        raise VramplanError(f"could not read config of {model_id!r}: not in the catalogue (see `vramplan models`), "
+                            "not a local path, not in the hub cache, and the hub cannot be reached (offline)")
     try:
         cfg = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError/ValueError variants; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VramplanError(f"could not read config of {model_id!r} from the hub or its cache: {first}") from None
     return cfg.to_dict()
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path the user meant as one (./x, /x, ~/x, x/config.json), not a hub id."""
+    return text.startswith((".", "/", "~")) or text.endswith(".json") or Path(text).expanduser().is_dir()
+
+
+def catalogue_entry(model: str) -> str | None:
+    """The catalogue entry that answers for `model` (a name, alias or hub id), or None when a local
+    path or the hub answers: tools say which entry answered for an alias."""
+    path = Path(model).expanduser()
+    if _looks_like_path(model) and path.exists():
+        return None
+    return _model_index().get(_norm(model))
 
 
 def resolve_model(model: str | Path | ModelSpec, *, trust_remote_code: bool = False) -> ModelSpec:
@@ -114,10 +151,10 @@ def resolve_model(model: str | Path | ModelSpec, *, trust_remote_code: bool = Fa
     if isinstance(model, ArchConfig):
         return build_spec(model)
     text = str(model)
-    hit = _model_index().get(_norm(text))
-    if hit:
-        return _catalog_spec(hit)
     path = Path(text).expanduser()
+    hit = _model_index().get(_norm(text))
+    if hit and not (_looks_like_path(text) and path.exists()):
+        return _catalog_spec(hit)
     if path.exists():
         return build_spec(arch_from_hf_config(load_config_json(path), path.name if path.is_dir() else path.parent.name or path.stem))
     if "/" in text and not text.startswith((".", "/")):
