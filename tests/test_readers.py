@@ -1,0 +1,199 @@
+"""Training-config readers: each tool's keys and defaults (pinned to the tools' source, cited in
+vramplan/readers/*), malformed files, unknown optimizers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import vramplan
+from vramplan.errors import VramplanError
+from vramplan.readers import HF_OPTIMIZERS, detect_format, estimate_options, read_mapping, read_train_config
+
+DATA = Path(__file__).parent / "data" / "train_configs"
+
+
+def read(name: str):
+    return read_train_config(DATA / name)
+
+
+def core(cfg) -> dict:
+    keys = ("method", "batch_size", "seq_len", "grad_accum", "grad_checkpointing", "optimizer", "lora_rank", "trainer")
+    return {k: cfg.options.get(k) for k in keys}
+
+
+def test_trl_sft_lora_file_maps_every_key():
+    c = read("trl_sft_lora.yaml")
+    assert (c.source, c.model) == ("trl", "Qwen/Qwen2.5-1.5B")
+    assert core(c) == {"method": "lora", "batch_size": 4, "seq_len": 2048, "grad_accum": 8, "grad_checkpointing": True,
+                       "optimizer": "adamw", "lora_rank": 32, "trainer": "trl"}
+    o = c.options
+    assert (o["lora_alpha"], o["lora_dropout"], o["lora_targets"], o["liger"]) == (16.0, 0.1, "all-linear", True)
+    assert (o["precision"], o["dtype"]) == ("pure", "bf16")  # dtype: bfloat16
+    assert c.read["max_length"] == 2048 and c.read["optim"] == "adamw_torch"
+
+
+def test_trl_defaults_checkpointing_on_length_1024_fp32_weights_under_bf16():
+    c = read("trl_defaults.yaml")
+    assert core(c) == {"method": "full", "batch_size": 8, "seq_len": 1024, "grad_accum": 1, "grad_checkpointing": True,
+                       "optimizer": "adamw-fused", "lora_rank": None, "trainer": "trl"}
+    # ModelConfig.dtype defaults to float32 and bf16 to True: fp32 master weights under autocast
+    assert (c.options["precision"], c.options["dtype"]) == ("mixed", "bf16")
+    assert {"max_length", "gradient_checkpointing", "dtype", "bf16", "per_device_train_batch_size"} <= set(c.defaulted)
+
+
+def test_trl_qlora_uses_peft_default_targets_and_lists_deepspeed_as_ignored():
+    c = read("trl_qlora.yaml")
+    assert core(c) == {"method": "qlora", "batch_size": 2, "seq_len": 1024, "grad_accum": 4, "grad_checkpointing": True,
+                       "optimizer": "paged-adamw-8bit", "lora_rank": 64, "trainer": "trl"}
+    o = c.options
+    assert o["lora_targets"] == "q_proj,v_proj"  # peft's default for llama when target_modules is unset
+    assert (o["dtype"], o["double_quant"], o["use_dora"], o["activation_offload"]) == ("nf4", True, True, True)
+    assert o["kbit_prepare"] is True  # TRL loads non-quantised weights in fp32 by default
+    assert "deepspeed" in c.ignored
+
+
+def test_axolotl_qlora_file():
+    c = read("axolotl_qlora.yaml")
+    assert (c.source, c.model) == ("axolotl", "meta-llama/Llama-3.1-8B")
+    assert core(c) == {"method": "qlora", "batch_size": 2, "seq_len": 4096, "grad_accum": 4, "grad_checkpointing": True,
+                       "optimizer": "paged-adamw-8bit", "lora_rank": 32, "trainer": "hf"}
+    o = c.options
+    assert (o["lora_targets"], o["attn"], o["liger"], o["dtype"], o["double_quant"]) == ("all-linear", "flash", True, "nf4", True)
+    assert o["kbit_prepare"] is False  # axolotl casts norms and embeddings back to bf16 after the kbit upcast
+
+
+def test_axolotl_defaults_sequence_len_512_micro_batch_1_no_checkpointing():
+    c = read("axolotl_defaults.yaml")
+    assert core(c) == {"method": "full", "batch_size": 1, "seq_len": 512, "grad_accum": 1, "grad_checkpointing": False,
+                       "optimizer": "adamw-fused", "lora_rank": None, "trainer": "hf"}
+    assert (c.options["precision"], c.options["dtype"]) == ("pure", "bf16")  # bf16: auto
+
+
+def test_axolotl_8bit_lora_offloaded_checkpointing_and_unmodelled_keys():
+    c = read("axolotl_lora8bit.yaml")
+    o = c.options
+    assert (o["method"], o["dtype"], o["lora_rank"], o["lora_alpha"], o["lora_dropout"]) == ("lora", "int8", 16, 8.0, 0.0)
+    assert o["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (o["grad_checkpointing"], o["checkpoint_offload"], o["use_dora"], o["optimizer"]) == (True, True, True, "adamw-8bit")
+    assert "unfrozen_parameters" in c.ignored
+
+
+def test_llamafactory_qlora_file():
+    c = read("llamafactory_lora.yaml")
+    assert (c.source, c.model) == ("llamafactory", "Qwen/Qwen2.5-7B")
+    assert core(c) == {"method": "qlora", "batch_size": 1, "seq_len": 4096, "grad_accum": 8, "grad_checkpointing": True,
+                       "optimizer": "adamw-fused", "lora_rank": 16, "trainer": "hf"}
+    o = c.options
+    assert (o["lora_alpha"], o["lora_targets"], o["liger"], o["attn"], o["kbit_prepare"]) == (32.0, "all-linear", True, "flash", False)
+
+
+def test_llamafactory_defaults_lora_rank_8_cutoff_2048_checkpointing_on():
+    c = read("llamafactory_defaults.yaml")
+    assert core(c) == {"method": "lora", "batch_size": 8, "seq_len": 2048, "grad_accum": 1, "grad_checkpointing": True,
+                       "optimizer": "adamw-fused", "lora_rank": 8, "trainer": "hf"}
+    assert (c.options["lora_alpha"], c.options["lora_dropout"]) == (16.0, 0.0)
+
+
+def test_llamafactory_full_upcasts_trainable_params_to_fp32():
+    c = read("llamafactory_full.yaml")
+    assert core(c) == {"method": "full", "batch_size": 2, "seq_len": 1024, "grad_accum": 1, "grad_checkpointing": False,
+                       "optimizer": "adamw-8bit", "lora_rank": None, "trainer": "hf"}
+    assert (c.options["precision"], c.options["dtype"]) == ("mixed", "bf16")
+    assert "use_badam" in c.ignored
+
+
+def test_hf_training_args_json_checkpointing_off_by_default():
+    c = read("hf_training_args.json")
+    assert (c.source, c.model) == ("hf", "meta-llama/Llama-3.2-1B")
+    assert core(c) == {"method": "full", "batch_size": 4, "seq_len": 1024, "grad_accum": 2, "grad_checkpointing": False,
+                       "optimizer": "adamw-fused", "lora_rank": None, "trainer": "hf"}
+    assert "torch_compile" in c.ignored
+
+
+def test_hf_yaml_galore_optimizer_is_the_galore_method_with_its_rank():
+    c = read("hf_defaults.yaml")
+    assert (c.source, c.model) == ("hf", "Qwen/Qwen2.5-0.5B")
+    o = c.options
+    assert (o["method"], o["optimizer"], o["galore_rank"], o["batch_size"], o["grad_checkpointing"]) == ("galore", "adamw-8bit", 64, 8, True)
+    assert "(sequence length)" in c.ignored  # TrainingArguments has no length: said, not guessed silently
+    assert "seq_len" not in o
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.iterdir() if not p.name.startswith(("malformed", "bad_", "unknown_"))))
+def test_every_sample_file_estimates(name):
+    c = read(name)
+    ok, later = estimate_options(c.options)
+    assert later == {}  # every option a reader emits is a vramplan option
+    e = vramplan.estimate(c.model, **ok)
+    assert e.peak_allocated_bytes > 0 and e.setup.trainer == c.options["trainer"]
+    json.dumps(c.to_dict())
+
+
+def test_malformed_yaml_is_one_line_naming_the_file_and_position():
+    with pytest.raises(VramplanError) as e:
+        read("malformed.yaml")
+    msg = str(e.value)
+    assert "malformed.yaml" in msg and "line 3" in msg and "\n" not in msg
+
+
+def test_bad_value_names_the_file_and_key():
+    with pytest.raises(VramplanError, match=r"bad_batch\.yaml: key 'per_device_train_batch_size': expected a positive integer"):
+        read("bad_batch.yaml")
+
+
+def test_unknown_optimizer_is_an_error_listing_the_modelled_ones():
+    with pytest.raises(VramplanError) as e:
+        read("unknown_optim.yaml")
+    msg = str(e.value)
+    assert "'optim'" in msg and "schedule_free_adamw" in msg and "adamw_torch_fused" in msg and "paged_adamw_8bit" in msg
+
+
+def test_every_mapped_hf_optimizer_is_a_vramplan_optimizer():
+    from vramplan.options import OPTIMIZERS
+
+    assert {opt for _, opt in HF_OPTIMIZERS.values()} <= set(OPTIMIZERS)
+
+
+def test_a_file_without_a_model_key_is_refused(tmp_path):
+    p = tmp_path / "args.yaml"
+    p.write_text("per_device_train_batch_size: 2\n")
+    with pytest.raises(VramplanError, match="args.yaml: key 'model_name_or_path': missing"):
+        read_train_config(p)
+
+
+def test_top_level_list_is_refused(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(VramplanError, match="top level must be a mapping"):
+        read_train_config(p)
+
+
+def test_format_detection_by_tool_only_keys():
+    assert detect_format({"model_name_or_path": "x", "finetuning_type": "lora"}, "f") == "llamafactory"
+    assert detect_format({"base_model": "x", "sequence_len": 512}, "f") == "axolotl"
+    assert detect_format({"model_name_or_path": "x", "use_peft": True}, "f") == "trl"
+    assert detect_format({"model_name_or_path": "x", "max_length": 512}, "f") == "trl"
+    assert detect_format({"model_name_or_path": "x", "max_length": 512}, "f", json_file=True) == "hf"
+    assert detect_format({"base_model": "x", "per_device_train_batch_size": 2}, "f") == "hf"
+
+
+def test_quantised_base_without_adapter_is_refused():
+    with pytest.raises(VramplanError, match="key 'load_in_4bit': a quantised base needs use_peft"):
+        read_mapping({"model_name_or_path": "1b", "dataset_name": "d", "load_in_4bit": True}, "t.yaml")
+    with pytest.raises(VramplanError, match="key 'adapter'"):
+        read_mapping({"base_model": "1b", "sequence_len": 512, "adapter": "llama-adapter"}, "a.yaml")
+    with pytest.raises(VramplanError, match="key 'quantization_bit'"):
+        read_mapping({"model_name_or_path": "1b", "finetuning_type": "lora", "quantization_bit": 2}, "l.yaml")
+
+
+def test_llamafactory_freeze_is_estimated_as_full_and_listed():
+    c = read_mapping({"model_name_or_path": "1b", "finetuning_type": "freeze", "bf16": True}, "l.yaml")
+    assert c.options["method"] == "full" and "finetuning_type" in c.ignored
+
+
+def test_activation_checkpointing_wins_over_its_deprecated_alias():
+    c = read_mapping({"model_name_or_path": "1b", "activation_checkpointing": False, "gradient_checkpointing": True}, "h.yaml")
+    assert c.options["grad_checkpointing"] is False
