@@ -119,7 +119,7 @@ def trainer_config(model_config: Any, training_args: Any, peft_config: Any = Non
             r.set(seq_len=r.posint("max_length", TRL_MAX_LENGTH))  # SFTConfig default (sft_config.py)
         if r.bool("activation_offloading"):
             r.set(activation_offload=True)
-    else:
+    elif "seq_len" not in overrides:
         read_length(r, None)
     attn = cfg.get("_attn_implementation") or cfg.get("attn_implementation")
     if attn:
@@ -133,7 +133,7 @@ def trainer_config(model_config: Any, training_args: Any, peft_config: Any = Non
         raise VramplanError("model_config: a quantised base trains only adapters: pass its peft_config")
     r.options.setdefault("method", "full")
     r.set(trainer="trl" if trl else "hf", **overrides)
-    if "seq_len" not in r.options:
+    if "seq_len" not in r.options and "max_length" not in r.ignored:
         r.options["seq_len"] = min(ASSUMED_SEQ_LEN, spec.arch.max_positions)
         r.ignored["(sequence length)"] = (f"not in the training arguments: assumed {r.options['seq_len']} tokens "
                                           "(pass seq_len=)")

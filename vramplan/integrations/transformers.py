@@ -1,0 +1,280 @@
+"""`MemoryPreflight`: a transformers `TrainerCallback` (Trainer, TRL's SFTTrainer and other
+subclasses) that checks the run against vramplan before the first step and against the card
+after a few steps.
+
+    from vramplan.integrations.transformers import MemoryPreflight
+    trainer = Trainer(model, args, train_dataset=ds, callbacks=[MemoryPreflight(raise_on_oom=True)])
+
+At `on_train_begin` it estimates the step from the live model's config, the TrainingArguments
+and the model's peft config, and warns (or raises PreflightOOMError) when the device total will
+not fit the card's free memory, naming the cheapest change that fits (vramplan's planner). After
+`measure_steps` optimizer steps it logs the measured `torch.cuda.max_memory_allocated()` against
+the prediction and, with `record_path`, appends a record in the data/measurements format.
+
+Only users who have transformers import this module; it imports torch and transformers."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import platform
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from vramplan.errors import VramplanError
+from vramplan.estimator import Estimate, estimate_setup
+from vramplan.setup import Setup, make_setup, profiler_setup
+from vramplan.trainer_bridge import as_dict, model_spec, trainer_config
+from vramplan.units import fmt_gib
+
+logger = logging.getLogger("vramplan")
+
+TORCH_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class PreflightOOMError(VramplanError):
+    """The predicted device total exceeds the card's free memory (raise_on_oom=True)."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Measured against predicted peak allocated, for the setup the model really ran."""
+
+    steps: int
+    measured_bytes: int
+    predicted_bytes: int
+    reserved_bytes: int
+    setup: Setup
+
+    @property
+    def error(self) -> float:
+        return self.predicted_bytes / self.measured_bytes - 1 if self.measured_bytes else float("nan")
+
+
+def live_overrides(model: Any) -> dict[str, Any]:
+    """What the live model shows that its config may not: the dtype of its dense weights, and,
+    on a quantised base, whether prepare_model_for_kbit_training upcast the embeddings to fp32."""
+    out: dict[str, Any] = {}
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dense = [p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dtype in TORCH_DTYPES]
+    dense = dense or [p.dtype for p in model.parameters() if p.dtype in TORCH_DTYPES]
+    if dense:
+        out["weights_dtype"] = TORCH_DTYPES[max(set(dense), key=dense.count)]
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            out["kbit_prepare"] = emb.weight.dtype == torch.float32
+    return out
+
+
+def active_peft_config(model: Any) -> Any:
+    """The active adapter's config of a PeftModel (peft keeps them in model.peft_config by name)."""
+    cfgs = getattr(model, "peft_config", None)
+    if not isinstance(cfgs, dict) or not cfgs:
+        return None
+    name = getattr(model, "active_adapter", None)
+    name = name[0] if isinstance(name, list | tuple) and name else name
+    return cfgs.get(name) if isinstance(name, str) and name in cfgs else next(iter(cfgs.values()))
+
+
+def free_capacity_bytes(est: Estimate) -> int | None:
+    """Memory this process can still use on its card: free memory plus what its own allocator
+    and CUDA context already hold (the model is loaded by on_train_begin); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    held = torch.cuda.memory_reserved() + est.outside_allocator.get("cuda_context", 0)
+    return int(free + held)
+
+
+CHANGE_FIELDS = ("method", "dtype", "precision", "optimizer", "lora_rank", "grad_checkpointing", "batch_size", "seq_len",
+                 "grad_accum")
+
+
+def _changes(req: Setup, s: Setup) -> tuple[str, ...]:
+    return tuple(f"{k}: {getattr(req, k)} -> {getattr(s, k)}" for k in CHANGE_FIELDS if getattr(req, k) != getattr(s, k))
+
+
+def cheapest_fit(est: Estimate, spec: Any, capacity: int) -> str:
+    """The fewest changes that make the step fit `capacity` bytes, as text: first the planner's
+    configurations (method, dtype, optimizer, rank, checkpointing) at the requested batch and
+    length; failing those, the planner's search with the batch (and accumulation) moved."""
+    from vramplan.catalog import GPU
+    from vramplan.decide.plan import plan, search_space
+
+    req = est.setup
+    fits: list[tuple[int, int, tuple[str, ...]]] = []
+    for cfg in search_space(spec, req, methods=None, keep_method=False):
+        try:
+            s = make_setup(spec, **{k: getattr(cfg, k) for k in Setup.__dataclass_fields__ if k != "lora_targets"},
+                           lora_targets=cfg.lora_targets or "all-linear")
+        except VramplanError:
+            continue
+        e = estimate_setup(spec, s)
+        if e.device_total_bytes <= capacity:
+            fits.append((len(_changes(req, s)), e.device_total_bytes, _changes(req, s)))
+    if fits:
+        _n, need, changes = min(fits)
+        return f"{'; '.join(changes) or 'none'} ({fmt_gib(need)})"
+    card = GPU(name="this card (free)", aliases=(), vendor="nvidia", memory_bytes=capacity, usable_bytes=capacity,
+               bandwidth_gbs=1.0, bf16_tflops=1.0, bf16=True, price_hour_usd=None, source="torch.cuda.mem_get_info")
+    found = plan(spec, req, card, objective="fewest-changes", limit=1, headroom=0.0)
+    if not found.candidates:
+        return "none that vramplan searches fits this card"
+    c = found.candidates[0]
+    return f"{'; '.join(c.changes)} ({fmt_gib(c.estimate.device_total_bytes)})"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for pkg in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def _shape_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args and hasattr(args[0], "shape"):
+        x = args[0]
+    return (int(x.shape[0]), int(x.shape[1])) if x is not None and len(x.shape) >= 2 else None
+
+
+class MemoryPreflight(TrainerCallback):
+    """Checks a Trainer's step against vramplan: a prediction before the first step, a measured
+    comparison after `measure_steps` steps (CUDA only).
+
+    raise_on_oom: raise PreflightOOMError instead of warning when the step will not fit.
+    free_bytes: the memory to check against (default: this process's share of the card,
+        torch.cuda.mem_get_info() free + what it already holds; no check without CUDA).
+    measure_steps: optimizer steps after which measured and predicted peaks are compared.
+    record_path: a JSONL file to append the measured record to (data/measurements format).
+    seq_len, and any other vramplan option as a keyword: override what is read from the run.
+    """
+
+    def __init__(self, *, raise_on_oom: bool = False, free_bytes: int | None = None, measure_steps: int = 3,
+                 record_path: str | Path | None = None, name: str | None = None, **options: Any) -> None:
+        self.raise_on_oom = raise_on_oom
+        self.free_bytes = free_bytes
+        self.measure_steps = measure_steps
+        self.record_path = Path(record_path) if record_path is not None else None
+        self.name = name
+        self.options = options
+        self.estimate: Estimate | None = None
+        self.spec: Any = None
+        self.read: dict[str, Any] = {}
+        self.comparison: Comparison | None = None
+        self._steps: list[dict[str, Any]] = []
+        self._shape: tuple[int, int] | None = None
+        self._hooks: list[Any] = []
+        self._peak_fwd = 0
+
+    # ---- prediction ---------------------------------------------------------------------------
+    def predict(self, model: Any, args: Any) -> Estimate:
+        """The estimate of `model` trained with `args` (the peft config is the model's own)."""
+        cfg = as_dict(model.config, "model.config")
+        self.spec = model_spec(cfg)
+        opts = {**live_overrides(model), **self.options}
+        tc = trainer_config(cfg, args, active_peft_config(model), **opts)
+        if "(sequence length)" in tc.ignored:
+            logger.warning("vramplan: %s; pass MemoryPreflight(seq_len=...)", tc.ignored["(sequence length)"])
+        self.read = {"source": tc.source, "read": tc.read, "ignored": tc.ignored}
+        return estimate_setup(self.spec, make_setup(self.spec, **tc.options))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            return
+        est = self.estimate = self.predict(model, args)
+        capacity = self.free_bytes if self.free_bytes is not None else free_capacity_bytes(est)
+        line = (f"vramplan: predicted peak allocated {fmt_gib(est.peak_allocated_bytes)}, device total "
+                f"{fmt_gib(est.device_total_bytes)} ({est.peak_phase})")
+        if capacity is not None and est.device_total_bytes > capacity:
+            msg = (f"{line} will not fit the {fmt_gib(capacity)} free on this card; cheapest change that fits: "
+                   f"{cheapest_fit(est, self.spec, capacity)}")
+            if self.raise_on_oom:
+                raise PreflightOOMError(msg)
+            warnings.warn(msg, ResourceWarning, stacklevel=2)
+        else:
+            logger.info("%s%s", line, f" of {fmt_gib(capacity)} free" if capacity is not None else "")
+        self._hooks = [model.register_forward_pre_hook(self._see_inputs, with_kwargs=True),
+                       model.register_forward_hook(self._after_forward)]
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    # ---- measurement ----------------------------------------------------------------------------
+    def _see_inputs(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        shape = _shape_of(args, kwargs)
+        if shape is not None and (self._shape is None or shape[0] * shape[1] > self._shape[0] * self._shape[1]):
+            self._shape = shape
+
+    def _after_forward(self, *_: Any) -> None:
+        if torch.cuda.is_available():
+            self._peak_fwd = max(self._peak_fwd, torch.cuda.max_memory_allocated())
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if torch.cuda.is_available() and self.comparison is None:
+            torch.cuda.reset_peak_memory_stats()
+            self._peak_fwd = 0
+            self._alloc_start = torch.cuda.memory_allocated()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if torch.cuda.is_available() and self.comparison is None:
+            self._peak_bwd = torch.cuda.max_memory_allocated()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not torch.cuda.is_available() or self.comparison is not None or self.estimate is None:
+            return
+        peak = torch.cuda.max_memory_allocated()
+        self._steps.append({"alloc_start": self._alloc_start, "peak_fwd": self._peak_fwd or peak,
+                            "peak_bwd": getattr(self, "_peak_bwd", peak), "peak": peak,
+                            "alloc_end": torch.cuda.memory_allocated(), "reserved_peak": torch.cuda.max_memory_reserved()})
+        if len(self._steps) >= self.measure_steps:
+            self._finish()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._steps and self.comparison is None:
+            self._finish()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _finish(self) -> None:
+        assert self.estimate is not None
+        setup = self.estimate.setup
+        if self._shape is not None:  # the shapes the model really saw
+            setup = replace(setup, batch_size=self._shape[0], seq_len=self._shape[1])
+        predicted = estimate_setup(self.spec, setup)
+        measured = max(s["peak"] for s in self._steps)
+        reserved = max(s["reserved_peak"] for s in self._steps)
+        self.comparison = Comparison(len(self._steps), measured, predicted.peak_allocated_bytes, reserved, setup)
+        logger.warning("vramplan: measured peak allocated %s after %d steps, predicted %s (%+.1f%%)", fmt_gib(measured),
+                       len(self._steps), fmt_gib(predicted.peak_allocated_bytes), 100 * self.comparison.error)
+        if self.record_path is not None:
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.record_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(self.record()) + "\n")
+
+    def record(self) -> dict[str, Any]:
+        """The measured run in the data/measurements record format (vramplan/records.py)."""
+        assert self.comparison is not None
+        c = self.comparison
+        free, total = torch.cuda.mem_get_info()
+        name = self.name or f"trainer-{self.spec.name}-{c.setup.method}-b{c.setup.batch_size}s{c.setup.seq_len}"
+        return {"setup": profiler_setup(self.spec, c.setup, name=name), "date": datetime.datetime.now(datetime.timezone.utc)
+                .isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(), "versions": _versions(),
+                "status": "ok", "steps": self._steps, "peak_allocated": c.measured_bytes, "peak_reserved": c.reserved_bytes,
+                "device_used_end": int(total - free), "gpu_total": int(total), "predicted_peak_allocated": c.predicted_bytes,
+                "train_config": self.read, "concurrent": False,
+                "source": "vramplan.integrations.transformers.MemoryPreflight inside the transformers Trainer"}
