@@ -197,3 +197,53 @@ def test_llamafactory_freeze_is_estimated_as_full_and_listed():
 def test_activation_checkpointing_wins_over_its_deprecated_alias():
     c = read_mapping({"model_name_or_path": "1b", "activation_checkpointing": False, "gradient_checkpointing": True}, "h.yaml")
     assert c.options["grad_checkpointing"] is False
+
+
+# ---- the CLI: --train-config ------------------------------------------------------------------
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from vramplan.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_estimate_train_config_json_shows_setup_and_what_was_read():
+    r = cli("estimate", "--train-config", str(DATA / "axolotl_qlora.yaml"), "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    s = d["setup"]
+    assert (s["method"], s["batch_size"], s["seq_len"], s["grad_accum"], s["grad_checkpointing"], s["optimizer"],
+            s["lora_rank"], s["trainer"]) == ("qlora", 2, 4096, 4, True, "paged-adamw-8bit", 32, "hf")
+    assert d["model"]["requested"] == "meta-llama/Llama-3.1-8B"
+    tc = d["train_config"]
+    assert tc["source"] == "axolotl" and tc["read"]["sequence_len"] == 4096 and tc["ignored"] == {}
+
+
+def test_cli_options_override_the_file_and_are_listed():
+    r = cli("estimate", "--train-config", str(DATA / "trl_qlora.yaml"), "-b", "1", "--model", "1b", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert (d["setup"]["batch_size"], d["model"]["name"], d["setup"]["trainer"]) == (1, "llama-3.2-1b", "trl")
+    assert d["train_config"]["overridden"] == ["batch_size"] and "deepspeed" in d["train_config"]["ignored"]
+
+
+def test_cli_fit_and_plan_take_a_train_config():
+    r = cli("fit", "--train-config", str(DATA / "llamafactory_lora.yaml"), "--gpu", "L40S", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["train_config"]["source"] == "llamafactory"
+    r = cli("plan", "--train-config", str(DATA / "hf_training_args.json"), "--gpu", "L40S", "--limit", "1", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["request"]["grad_accum"] == 2
+
+
+def test_cli_table_output_says_what_was_read_and_ignored():
+    r = cli("estimate", "--train-config", str(DATA / "trl_qlora.yaml"))
+    assert r.exit_code == 0, r.output
+    assert "train config" in r.stdout and "(trl)" in r.stdout and "ignored deepspeed" in r.stdout
+
+
+def test_cli_malformed_train_config_is_one_line_exit_2():
+    r = cli("estimate", "--train-config", str(DATA / "malformed.yaml"))
+    assert r.exit_code == 2
+    assert "malformed.yaml: not valid YAML (line 3" in r.output and "Traceback" not in r.output

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from vramplan.options import OPTIONS, Option
+from vramplan.readers.commandline import run_with_train_config, train_config_param
 
 KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -79,9 +80,9 @@ def with_setup_options(*, parallel: bool = False, skip: tuple[str, ...] = ()) ->
             given = {k: v for k, v in opts.items() if v is not None}
             if parallel:
                 kw["par"] = {k: kw.pop(k) for k in list(kw) if k in par_names}
-            return func(opts=given, **kw)
+            return run_with_train_config(func, kw, given)
 
-        params = own + setup_params(skip) + (parallel_params() if parallel else [])
+        params = own + setup_params(skip) + (parallel_params() if parallel else []) + [train_config_param()]
         command.__signature__ = inspect.Signature([p.replace(kind=KW) for p in params])  # type: ignore[attr-defined]
         command.__annotations__ = {}
         del command.__wrapped__  # typer must read the generated signature, not func's
