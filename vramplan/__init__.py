@@ -29,6 +29,7 @@ def fit(model: Any = None, method: str | None = None, *, gpus: str | list[str] |
     from vramplan.decide.fit import fit as _fit
     from vramplan.decide.fit import fit_parallel
 
+    spec: ModelSpec | None = None
     if isinstance(model, Estimate):
         if options or method is not None:
             raise VramplanError("fit() of an Estimate takes no setup options; they are the estimate's")
@@ -38,8 +39,10 @@ def fit(model: Any = None, method: str | None = None, *, gpus: str | list[str] |
         est = estimate_setup(spec, make_setup(spec, **with_method(method, options)))
     par = _parallel(gpu_count, nodes, zero, fsdp, offload)
     if par is not None:
-        return fit_parallel(resolve_model(est.model) if not isinstance(model, ModelSpec) else model, est, par, gpus)
-    return _fit(est, gpus)
+        if spec is None:
+            raise VramplanError("fit() over several GPUs needs the model, not an Estimate: pass the model and its options")
+        return fit_parallel(spec, est, par, gpus)
+    return _fit(est, gpus, spec=spec)
 
 
 def _parallel(gpus: int, nodes: int, zero: int, fsdp: str | None, offload: str) -> Any:

@@ -39,6 +39,14 @@ OFFLOADS = ("none", "optimizer", "params")
 DDP_BUCKET_BYTES = 2 * 25 * 2**20
 
 
+# What each engine does with the setup's precision (shown in the JSON beside the setup).
+ENGINE_PRECISION = {
+    "ddp": "as the setup: pure keeps weights in the setup dtype, mixed keeps fp32 weights and autocasts",
+    "deepspeed": "DeepSpeed bf16: 16-bit weights and gradients, fp32 master weights in the optimizer (pure and mixed alike)",
+    "fsdp": "FSDP MixedPrecision(bf16): sharded fp32 weights, bf16 when gathered (pure and mixed alike)",
+}
+
+
 @dataclass(frozen=True)
 class Parallel:
     gpus_per_node: int = 1
@@ -105,7 +113,7 @@ class DistributedEstimate:
         return max(self.gpu_phases, key=lambda p: self.gpu_phases[p])
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.single.to_dict(), "parallel": self.parallel.to_dict(),
+        return {**self.single.to_dict(), "parallel": {**self.parallel.to_dict(), "precision": ENGINE_PRECISION[self.parallel.engine]},
                 "per_gpu": {"peak_allocated_bytes": self.per_gpu_peak_allocated_bytes,
                             "peak_reserved_bytes": self.per_gpu_reserved_bytes,
                             "device_total_bytes": self.per_gpu_device_total_bytes,
@@ -142,9 +150,12 @@ def _unit_bytes(spec: ModelSpec, tied_trainable: bool) -> int:
 
 def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> DistributedEstimate:
     """Per-GPU and host memory of `setup` (per-GPU micro-batch) under `par`."""
-    # The engines run the model in bf16 without autocast; activations are pure-bf16 ones.
-    compute = replace(setup, precision="pure") if setup.precision == "mixed" else setup
-    single = estimate_setup(spec, compute)
+    # ZeRO and FSDP run the model in bf16 without autocast (their own mixed precision: fp32 masters
+    # in the optimizer / sharded fp32 parameters); activations are pure-bf16 ones. Plain DDP wraps
+    # the single-GPU loop, so a mixed setup keeps fp32 weights, gradients and moments and autocast.
+    ddp_mixed = par.engine == "ddp" and setup.precision == "mixed"
+    compute = replace(setup, precision="pure") if setup.precision == "mixed" and not ddp_mixed else setup
+    single = replace(estimate_setup(spec, compute), setup=setup)
     t = single.terms
     n = par.world
     psi = single.params_trainable
@@ -183,6 +194,8 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
         part = n if stage >= 1 else 1
         fp32_grads = 4 * psi // part if par.engine == "deepspeed" else 0
         tr = (4 if par.engine == "deepspeed" else 2) * psi // part if foreach else 0
+        if ddp_mixed:  # every rank holds the single-GPU mixed-precision states
+            w, opt, g16, tr = t["weights"] + t["adapters"], t["opt_states"], t["grads"], t["opt_transient"]
         buckets = DDP_BUCKET_BYTES if par.engine == "ddp" and n > 1 else (4 * spec.arch.hidden ** 2 if stage else 0)
         if stage == 3:
             # the gathered unit, its 16-bit gradient before reduce-scatter, and the prefetch bucket

@@ -110,7 +110,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("method", str, "full", "fine-tuning method", METHODS),
     Option("precision", str, "pure", "pure, mixed (fp32 master weights + autocast), fp32", PRECISIONS),
     Option("dtype", str, _default_dtype, "base weights (default: nf4 for qlora, else bf16)", DTYPES, none_ok=True),
-    Option("optimizer", str, "adamw", "optimizer (hf/trl default: adamw-fused)", OPTIMIZERS, short="-o",
+    Option("optimizer", str, "adamw", "optimizer (hf/trl default: adamw-fused)", OPTIMIZERS,
            presets=(("hf", _hf_optimizer), ("trl", _hf_optimizer))),
     Option("batch_size", int, 1, "micro-batch size", short="-b", minimum=1),
     Option("seq_len", int, 2048, "sequence length in tokens (trl default: 1024, SFTConfig.max_length)", short="-s",

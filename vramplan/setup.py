@@ -151,7 +151,9 @@ def make_setup(model: ModelSpec, **opts: Any) -> Setup:
         # peft raises "PREFIX_TUNING does not work with gradient checkpointing" (measured:
         # data/measurements q05-prefix-ckpt-b8s512)
         raise VramplanError("method prefix does not work with gradient checkpointing (peft refuses it); drop --grad-checkpointing")
-    return Setup(**{**o, "lora_targets": targets, "lora_alpha": float(o["lora_alpha"])})
+    setup = Setup(**{**o, "lora_targets": targets, "lora_alpha": float(o["lora_alpha"])})
+    _check_flash_attention(model, setup)
+    return setup
 
 
 def _check_sizes(model: ModelSpec, o: dict[str, Any]) -> None:
@@ -165,6 +167,21 @@ def _check_sizes(model: ModelSpec, o: dict[str, Any]) -> None:
     if o["batch_size"] * seq_len > MAX_TOKENS:
         raise VramplanError(f"batch_size x seq_len = {o['batch_size'] * seq_len:,} tokens per micro-batch; "
                             f"allowed: at most {MAX_TOKENS:,}")
+
+
+def _check_flash_attention(model: ModelSpec, setup: Setup) -> None:
+    """attn "flash" is FlashAttention-2 (transformers attn_implementation="flash_attention_2"). It
+    saves q, k, v, the output and softmax_lse, the tensors SDPA's flash kernel saves, and is costed
+    as that kernel. Where the model would not run that kernel, refuse rather than cost another."""
+    if setup.attn != "flash":
+        return
+    from vramplan.activations import attention_kernel, stream_dtypes  # imports Setup: load lazily
+
+    if setup.method == "prefix":
+        raise VramplanError("attn flash (FlashAttention-2) with prefix tuning's attention mask is not modelled; use --attn sdpa")
+    if attention_kernel(model.arch, setup, stream_dtypes(setup)).name != "flash":
+        raise VramplanError("attn flash (FlashAttention-2) runs in fp16/bf16 only, and this setup's attention inputs are fp32 "
+                            "(precision fp32, or a kbit-prepared quantised base); use --attn sdpa, or --no-kbit-prepare")
 
 
 def _check_techniques(model: ModelSpec, o: dict[str, Any]) -> None:

@@ -94,7 +94,8 @@ def fit_gpu(est: Estimate, gpu: GPU, spec: ModelSpec | None = None) -> GpuFit:
 
     r = _memory_fit(estimate_setup(spec, alt), gpu)
     how = "fp16 mixed precision" if alt.precision == "mixed" else "an fp16 base"
-    return replace(r, verdict=f"{r.verdict} in fp16", notes=(*r.notes, f"no bf16 on {gpu.name}: needs {how}"))
+    judged = r.verdict if r.verdict == "does not fit" else f"{r.verdict} in fp16"
+    return replace(r, verdict=judged, notes=(*r.notes, f"no bf16 on {gpu.name}: needs {how}"))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from vramplan.arch import ModelSpec
 from vramplan.catalog import GPU
-from vramplan.decide.fit import TIGHT_SHARE
+from vramplan.decide.fit import TIGHT_SHARE, fp16_setup
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.setup import Setup, make_setup
@@ -59,9 +59,16 @@ def _changes(req: Setup, s: Setup) -> tuple[str, ...]:
     return tuple(out)
 
 
-def search_space(spec: ModelSpec, req: Setup, *, methods: tuple[str, ...] | None, keep_method: bool) -> list[Setup]:
+def search_space(spec: ModelSpec, req: Setup, *, methods: tuple[str, ...] | None, keep_method: bool,
+                 bf16: bool = True) -> list[Setup]:
     """Every configuration the planner considers (method, base dtype, precision, optimizer, LoRA
-    rank, checkpointing); batch size or sequence length is then maximised for each by bisection."""
+    rank, checkpointing); batch size or sequence length is then maximised for each by bisection.
+    On a card without bf16 (`bf16=False`), bf16 becomes fp16: mixed precision for full/GaLore."""
+    space = _search_space(spec, req, methods=methods, keep_method=keep_method)
+    return space if bf16 else list(dict.fromkeys(fp16_setup(s) if s.dtype == "bf16" else s for s in space))
+
+
+def _search_space(spec: ModelSpec, req: Setup, *, methods: tuple[str, ...] | None, keep_method: bool) -> list[Setup]:
     meths = methods or ((req.method,) if keep_method else ("full", "lora", "qlora", "galore"))
     opts_by_method = {
         "full": ("adamw", "adamw-fused", "adamw-8bit", "paged-adamw-8bit", "adafactor"),
@@ -119,7 +126,7 @@ def plan(spec: ModelSpec, req: Setup, gpu: GPU, *, objective: str = "tokens", ma
         raise VramplanError(f"unknown quantity to maximize {maximize!r}: allowed: {', '.join(MAXIMIZE)}")
     cap = gpu.usable_bytes * (1 - headroom)
     step_seqs = req.batch_size * req.grad_accum
-    configs = search_space(spec, req, methods=methods, keep_method=keep_method)
+    configs = search_space(spec, req, methods=methods, keep_method=keep_method, bf16=gpu.bf16)
     fitting: list[Candidate] = []
     evaluations = 0
     for cfg in configs:
@@ -135,7 +142,7 @@ def plan(spec: ModelSpec, req: Setup, gpu: GPU, *, objective: str = "tokens", ma
             return e if e.device_total_bytes <= cap else None
 
         if maximize == "seq-len":
-            hi = spec.arch.max_positions if spec.arch.family == "gpt2" else MAX_SEQ
+            hi = MAX_SEQ if req.long_context and spec.arch.family != "gpt2" else spec.arch.max_positions
             _, e, k = _largest(fits, 64, hi, 64)
         else:
             _, e, k = _largest(fits, 1, MAX_BATCH, 1)

@@ -153,7 +153,7 @@ def main() -> None:
 
     setup = json.loads(sys.argv[1])
     steps = int(setup.pop("steps", 3))
-    rec: dict[str, Any] = {"setup": setup, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    rec: dict[str, Any] = {"setup": setup, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            "gpu": torch.cuda.get_device_name(0), "versions": _versions(), "engine": "deepspeed" if setup.get("zero") else "fsdp"}
     try:
         import importlib.metadata as md

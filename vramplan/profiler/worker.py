@@ -212,7 +212,7 @@ def main() -> None:
 
     from vramplan.profiler import build  # noqa: F401  (fail early on a missing dependency)
 
-    rec: dict[str, Any] = {"setup": setup, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    rec: dict[str, Any] = {"setup": setup, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
         rec["gpu"] = torch.cuda.get_device_name(0)
         rec["versions"] = _versions()
