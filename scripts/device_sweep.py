@@ -26,7 +26,7 @@ def main() -> None:
     for s in case_setups(Path(a.cases), trace=a.trace)[a.start:]:
         if a.only and a.only not in s["name"]:
             continue
-        big = resolve_model(s["model"]).params_total > 4e9
+        big = s.get("serial", False) or resolve_model(s["model"]).params_total > 4e9
         if (a.big == "only" and not big) or (a.big == "skip" and big):
             continue
         setups.append(s)

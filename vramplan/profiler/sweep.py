@@ -28,14 +28,23 @@ def case_setups(path: Path, **extra: Any) -> list[dict[str, Any]]:
     for row in yaml.safe_load(path.read_text(encoding="utf-8"))["cases"]:
         c = dict(row)
         name, model, steps = c.pop("name"), c.pop("model"), c.pop("steps", 3)
+        # `trace` replays the allocator history; `serial` marks a case too big to share the GPU
+        row_extra = {k: True for k in ("trace", "serial") if c.pop(k, False)}
         spec = resolve_model(model)
-        out.append(profiler_setup(spec, make_setup(spec, **c), name=name, steps=steps, **extra))
+        out.append(profiler_setup(spec, make_setup(spec, **c), name=name, steps=steps, **{**extra, **row_extra}))
     return out
+
+
+def worker_module(setup: dict[str, Any]) -> str:
+    """The reference loop (trainer `plain` or none) or a real trainer (`hf`, `trl`)."""
+    if setup.get("trainer", "plain") in ("hf", "trl"):
+        return "vramplan.profiler.trainer_worker"
+    return "vramplan.profiler.worker"
 
 
 def run_one(setup: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "vramplan.profiler.worker", json.dumps(setup)]
+    cmd = [sys.executable, "-m", worker_module(setup), json.dumps(setup)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
