@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vramplan.datafiles import data_dir
-from vramplan.records import compare, load_records, load_reference, summarise
+from vramplan.records import baseline_band, compare, load_records, load_reference, summarise
 
 from .conftest import SHARED_REFERENCE
 
@@ -58,6 +58,28 @@ def test_no_record_gets_worse_than_its_baseline(c):
     base = BASELINE.get(c.name)
     assert base is not None, f"{c.name} has no baseline: run scripts/update_baseline.py"
     assert abs(c.error) <= max(abs(base) + 0.005, 0.01), f"{c.name}: {c.error:+.4f} vs baseline {base:+.4f}"
+    lo, hi = baseline_band(base)  # and within its own band: no 25x drift, no change of sign
+    assert lo <= c.error <= hi, f"{c.name}: {c.error:+.5f} outside [{lo:+.5f}, {hi:+.5f}] around baseline {base:+.5f}"
+
+
+def test_baseline_entries_and_records_match_one_to_one():
+    names = [c.name for c in COMPS]
+    assert len(names) == len(set(names)), "two records share a name"
+    expected = set(BASELINE) if SHARED_REFERENCE.exists() else {k for k in BASELINE if not k.startswith("shared-ref-")}
+    assert set(names) == expected, f"records without baseline: {sorted(set(names) - expected)}; " \
+                                   f"baseline without record: {sorted(expected - set(names))}"
+
+
+@pytest.mark.parametrize(("base", "error", "ok"), [
+    (0.0004, 0.01, False),  # the old floor let a 0.04% record drift to 1% (25x)
+    (0.02, -0.02, False),  # a change of sign
+    (-0.00405, -0.0081, True), (-0.00405, -0.0082, False),  # at most twice the baseline
+    (0.0, 0.0005, True), (0.0, 0.0006, False),
+    (-0.03, -0.0349, True), (-0.03, -0.0351, False),  # at most 0.5 pt more
+])
+def test_baseline_band_keeps_sign_and_size(base, error, ok):
+    lo, hi = baseline_band(base)
+    assert (lo <= error <= hi) is ok
 
 
 def test_reference_runs_within_5_percent_each():
@@ -85,3 +107,23 @@ def test_reserved_estimate_median_error():
     errs = [abs(record_estimate(r).peak_reserved_bytes / r["peak_reserved"] - 1)
             for r in load_records() if r.get("status") == "ok" and not r.get("concurrent") and not r.get("engine")]
     assert median(errs) <= 0.10
+
+
+def test_update_baseline_refuses_a_worse_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from vramplan import datafiles
+
+    spec = importlib.util.spec_from_file_location("update_baseline", data_dir().parent / "scripts" / "update_baseline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = tmp_path / "data"
+    data.mkdir()
+    worse = {k: (v / 2 if abs(v) > 0.002 else v) for k, v in BASELINE.items()}  # pretend the baseline was better
+    (data / "accuracy_baseline.json").write_text(json.dumps(worse))
+    monkeypatch.setattr(mod, "data_dir", lambda: data)
+    assert mod.main([]) == 2
+    assert json.loads((data / "accuracy_baseline.json").read_text()) == worse  # untouched
+    assert mod.main(["--allow-worse"]) == 0
+    assert json.loads((data / "accuracy_baseline.json").read_text()).keys() == {c.name for c in COMPS}
+    del datafiles

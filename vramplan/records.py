@@ -42,7 +42,7 @@ def load_reference(path: Path) -> list[dict[str, Any]]:
         r = json.loads(line)
         opts = reference_options(r["case"], r["arch_config"])
         opts["lora_targets"] = opts.get("lora_targets", "all-linear")
-        setup = {"name": "ref-" + r["case"]["name"], "model": r["case"]["arch"], "hf_config": r["arch_config"], **opts}
+        setup = {"name": "shared-ref-" + r["case"]["name"], "model": r["case"]["arch"], "hf_config": r["arch_config"], **opts}
         recs.append({**r, "setup": setup, "status": "ok", "concurrent": False, "source": str(path)})
     return recs
 
@@ -151,3 +151,25 @@ def measured_vs_estimated(rec: dict[str, Any], est: Estimate) -> list[tuple[str,
     measured = {"forward": st["peak_fwd"], "backward": st["peak_bwd"], "optimizer_step": st["peak"]}
     est_cum = cumulative_peaks(est.phases)
     return [(p, measured[p], est_cum[p]) for p in CUMULATIVE_PHASES]
+
+
+# The committed accuracy baseline (data/accuracy_baseline.json): each record's error may move only
+# within a band around its baseline. It may grow by its own size at most (never past twice the
+# baseline), by 0.05 pt at least and 0.5 pt at most, and it may not change sign (it may cross zero
+# by 0.05 pt). Near zero (|baseline| < 0.05 pt) the band is +-(|baseline| + 0.05 pt).
+BAND_FLOOR = 0.0005
+BAND_CAP = 0.005
+
+
+def baseline_band(base: float) -> tuple[float, float]:
+    """(lowest, highest) error allowed for a record whose committed error is `base`."""
+    reach = abs(base) + min(BAND_CAP, max(BAND_FLOOR, abs(base)))
+    if abs(base) < BAND_FLOOR:
+        return -reach, reach
+    return (-BAND_FLOOR, reach) if base > 0 else (-reach, BAND_FLOOR)
+
+
+def worse_than(error: float, base: float) -> bool:
+    """Whether `error` is worse than the baseline `base`: larger in size, or of the other sign."""
+    flipped = abs(base) >= BAND_FLOOR and abs(error) > BAND_FLOOR and (error > 0) != (base > 0)
+    return abs(error) > abs(base) + 1e-5 or flipped
