@@ -150,9 +150,8 @@ def _unit_bytes(spec: ModelSpec, tied_trainable: bool) -> int:
 
 def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> DistributedEstimate:
     """Per-GPU and host memory of `setup` (per-GPU micro-batch) under `par`."""
-    # ZeRO and FSDP run the model in bf16 without autocast (their own mixed precision: fp32 masters
-    # in the optimizer / sharded fp32 parameters); activations are pure-bf16 ones. Plain DDP wraps
-    # the single-GPU loop, so a mixed setup keeps fp32 weights, gradients and moments and autocast.
+    # ZeRO/FSDP run the model in bf16 without autocast (ENGINE_PRECISION): pure-bf16 activations.
+    # Plain DDP wraps the single-GPU loop: a mixed setup keeps its fp32 states and autocast.
     ddp_mixed = par.engine == "ddp" and setup.precision == "mixed"
     compute = replace(setup, precision="pure") if setup.precision == "mixed" and not ddp_mixed else setup
     single = replace(estimate_setup(spec, compute), setup=setup)
