@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, make_dataclass
+from functools import cached_property
 from typing import Any
 
 from vramplan.errors import VramplanError, unknown
@@ -74,9 +75,13 @@ class Option:
     def cli_flag(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
 
+    @cached_property
+    def _preset_map(self) -> dict[str, Value]:
+        return dict(self.presets)
+
     def preset(self, trainer: str) -> Value:
         """The value `trainer` gives this option (a constant or a function), or UNSET."""
-        return dict(self.presets).get(trainer, UNSET)
+        return self._preset_map.get(trainer, UNSET)
 
 
 def _hf_ckpt(o: Resolved) -> bool:

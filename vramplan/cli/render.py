@@ -94,14 +94,15 @@ def fit_table(res: Any) -> None:
     e = res.estimate
     out.print(f"[bold]{escape(e.model)}[/] {e.setup.method} (trainer {e.setup.trainer}) needs [bold]{fmt_gib(e.device_total_bytes)}[/] "
               f"on the device (peak in {e.peak_phase})")
+    notes = any(r.notes for r in res.rows)
     t = Table()
-    for c in ("GPU", "verdict", "memory GiB", "headroom GiB", "headroom %", "limiting phase", "$/h", "notes"):
+    for c in ("GPU", "verdict", "memory GiB", "headroom GiB", "headroom %", "limiting phase", "$/h", *(("notes",) if notes else ())):
         t.add_column(c, justify="left" if c in ("GPU", "verdict", "limiting phase", "notes") else "right")
     for r in res.rows:
         colour = VERDICT_COLOURS.get(r.verdict, "red")
         t.add_row(r.gpu.name, f"[{colour}]{r.verdict}", gib(r.capacity_bytes), f"{r.headroom_bytes / GiB:+,.1f}",
                   f"{100 * r.headroom_share:+.0f}%", r.limiting_phase,
-                  f"{r.gpu.price_hour_usd:.2f}" if r.gpu.price_hour_usd else "-", escape("; ".join(r.notes)))
+                  f"{r.gpu.price_hour_usd:.2f}" if r.gpu.price_hour_usd else "-", *((escape("; ".join(r.notes)),) if notes else ()))
     out.print(t)
 
 
