@@ -85,27 +85,32 @@ class Option:
 
 
 def _hf_ckpt(o: Resolved) -> bool:
+    """on for a kbit-prepared quantised base"""
     # peft prepare_model_for_kbit_training(use_gradient_checkpointing=True) is the default the
     # QLoRA recipes call (peft/utils/other.py); prefix tuning cannot checkpoint (peft refuses).
     return o["dtype"] in QUANTISED and o["kbit_prepare"] and o["method"] != "prefix"
 
 
 def _trl_ckpt(o: Resolved) -> bool:
+    """on (not for prefix tuning)"""
     # TRL 1.x SFTConfig.gradient_checkpointing defaults to True (trl/trainer/sft_config.py).
     return o["method"] != "prefix"
 
 
 def _hf_optimizer(o: Resolved) -> str:
+    """adamw-fused (galore: adamw)"""
     # transformers 5 TrainingArguments.optim defaults to adamw_torch_fused on torch >= 2.8
     # (training_args.py); GaLore is chosen by optim="galore_adamw", which is not fused.
     return "adamw" if o["method"] == "galore" else "adamw-fused"
 
 
 def _default_dtype(o: Resolved) -> str:
+    """nf4 for qlora, fp32 for precision fp32, else bf16"""
     return "nf4" if o["method"] == "qlora" else ("fp32" if o["precision"] == "fp32" else "bf16")
 
 
 def _default_alpha(o: Resolved) -> float:
+    """2 x lora_rank"""
     return float(2 * o["lora_rank"])
 
 
@@ -113,12 +118,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("trainer", str, "hf", "training loop whose defaults apply: hf (transformers Trainer), trl (SFTTrainer), "
            "plain (the reference loop of the measurements)", TRAINERS),
     Option("method", str, "full", "fine-tuning method", METHODS),
-    Option("precision", str, "pure", "pure, mixed (fp32 master weights + autocast), fp32", PRECISIONS),
-    Option("dtype", str, _default_dtype, "base weights (default: nf4 for qlora, else bf16)", DTYPES, none_ok=True),
-    Option("optimizer", str, "adamw", "optimizer (hf/trl default: adamw-fused)", OPTIMIZERS,
+    Option("precision", str, "pure", "mixed: fp32 master weights + autocast", PRECISIONS),
+    Option("dtype", str, _default_dtype, "base weights", DTYPES, none_ok=True),
+    Option("optimizer", str, "adamw", "optimizer", OPTIMIZERS,
            presets=(("hf", _hf_optimizer), ("trl", _hf_optimizer))),
     Option("batch_size", int, 1, "micro-batch size", short="-b", minimum=1),
-    Option("seq_len", int, 2048, "sequence length in tokens (trl default: 1024, SFTConfig.max_length)", short="-s",
+    Option("seq_len", int, 2048, "sequence length in tokens", short="-s",
            minimum=1, presets=(("trl", 1024),)),
     Option("grad_accum", int, 1, "gradient accumulation steps", minimum=1),
     Option("attn", str, "sdpa", "attention implementation (flash: FlashAttention-2)", ATTNS),
@@ -133,13 +138,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefix_projection", bool, False, "prefix tuning with a reparametrising MLP"),
     Option("double_quant", bool, True, "4-bit double quantisation"),
     Option("kbit_prepare", bool, True, "peft prepare_model_for_kbit_training (fp32 upcast of non-quantised weights)"),
-    Option("grad_checkpointing", bool, False, "non-reentrant activation checkpointing (trl default: on; hf: on for a "
-           "kbit-prepared quantised base)", presets=(("hf", _hf_ckpt), ("trl", _trl_ckpt))),
+    Option("grad_checkpointing", bool, False, "non-reentrant activation checkpointing", presets=(("hf", _hf_ckpt), ("trl", _trl_ckpt))),
     Option("checkpoint_offload", bool, False, "offload checkpointed layer inputs to host memory (needs checkpointing)"),
     Option("activation_offload", bool, False, "offload saved activations to host memory"),
     Option("liger", bool, False, "Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)"),
     Option("hold_outputs", bool, True, "the loop keeps the model output (logits) through backward and step "
-           "(hf/trl: off, compute_loss keeps only the loss)", presets=(("hf", False), ("trl", False))),
+           "(hf/trl: compute_loss keeps only the loss)", presets=(("hf", False), ("trl", False))),
     Option("long_context", bool, False, "allow seq_len beyond the model's max_position_embeddings (rope scaling)"),
 )
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}

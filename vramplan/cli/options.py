@@ -34,10 +34,16 @@ PARALLEL: tuple[tuple[str, Any, Any], ...] = (
 PARALLEL_DEFAULTS = {"gpus": 1, "nodes": 1, "zero": 0, "fsdp": None, "offload": "none"}
 
 
+def _value_text(v: Any) -> str:
+    """A default or preset as help shows it: a function by its docstring."""
+    if callable(v):
+        return (v.__doc__ or "derived").strip()
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
 def _shown_default(o: Option) -> str:
-    base = "derived" if callable(o.default) else str(o.default).lower() if o.type is bool else str(o.default)
-    presets = [f"{t}: preset" if callable(v) else f"{t}: {v}" for t, v in o.presets]
-    return base + (f" ({'; '.join(presets)})" if presets else "")
+    presets = [f"{t}: {_value_text(v)}" for t, v in o.presets]
+    return _value_text(o.default) + (f"; {'; '.join(presets)}" if presets else "")
 
 
 def _help(o: Option) -> str:
