@@ -102,13 +102,14 @@ def _peft(r: Reading, peft: Mapping[str, Any], spec: ModelSpec, quant: str | Non
 
 def trainer_config(model_config: Any, training_args: Any, peft_config: Any = None, **overrides: Any) -> TrainConfig:
     """The vramplan options of a live (model config, training args, peft config); `overrides`
-    (vramplan option names) win, e.g. dtype/kbit_prepare seen on the live model."""
+    (vramplan option names) win, e.g. kbit_prepare seen on the live model; `loaded_dtype`
+    (bf16/fp16/fp32) is the dtype the dense weights were loaded in, when the config does not say."""
     cfg = as_dict(model_config, "model_config")
     args = as_dict(training_args, "training_args")
     trl = is_trl_args(training_args, args)
     r = Reading(args, type(training_args).__name__ if not isinstance(training_args, Mapping) else "training_args")
     spec = model_spec(cfg)
-    weights = overrides.pop("weights_dtype", None) or config_dtype(cfg)
+    weights = overrides.pop("loaded_dtype", None) or config_dtype(cfg)
     # A live args object is already resolved (SFTConfig's checkpointing default True included);
     # for a dict, each tool's default applies.
     read_training_args(r, ckpt_default=trl, weights=weights)

@@ -66,7 +66,7 @@ def live_overrides(model: Any) -> dict[str, Any]:
     dense = [p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dtype in TORCH_DTYPES]
     dense = dense or [p.dtype for p in model.parameters() if p.dtype in TORCH_DTYPES]
     if dense:
-        out["weights_dtype"] = TORCH_DTYPES[max(set(dense), key=dense.count)]
+        out["loaded_dtype"] = TORCH_DTYPES[max(set(dense), key=dense.count)]
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         if emb is not None and getattr(emb, "weight", None) is not None:
             out["kbit_prepare"] = emb.weight.dtype == torch.float32
