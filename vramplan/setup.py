@@ -59,12 +59,6 @@ def _posint(name: str, value: Any) -> int:
     return value
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise unknown(name, value, allowed)
-    return value
-
-
 # peft 0.21 utils/transformers_weight_conversion.py _MOE_TARGET_MODULE_MAPPING: for the model types
 # whose MoE transformers 5 fused (ArchConfig.peft_moe_pattern), "all-linear" resolves to the
 # nn.Linear leaf names plus these v4 names, and every target with one of these leaf names is moved

@@ -7,6 +7,7 @@ from typing import Any
 
 from vramplan.arch import ModelSpec
 from vramplan.catalog import GPU, gpu_catalog, resolve_gpu
+from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate
 from vramplan.setup import Setup
 from vramplan.units import fmt_gib
@@ -123,7 +124,7 @@ def fit(est: Estimate, gpus: str | list[str] | None = None, *, spec: ModelSpec |
 
 
 @dataclass(frozen=True)
-class Option:
+class RunOption:
     """A way to run a setup: `count` x `gpu` with an engine, and what it costs per hour."""
 
     gpu: GPU
@@ -142,12 +143,15 @@ COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 24, 32, 40, 48, 56, 64)
 
 
 def cheapest(spec: Any, setup: Any, *, gpus: list[str] | None = None, counts: tuple[int, ...] = COUNTS,
-             limit: int = 10) -> list[Option]:
+             limit: int = 10) -> list[RunOption]:
     """For each priced GPU, the fewest cards that hold the setup (one card; else data parallel with
     the lowest ZeRO stage that fits, 8 cards per node), ranked by hourly price."""
     from vramplan.distributed import estimate_distributed, make_parallel
     from vramplan.estimator import estimate_setup
 
+    bad = [n for n in counts if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (n > 8 and n % 8)]
+    if bad:
+        raise VramplanError(f"card counts {bad} cannot be laid out; allowed: 1..8 on one node, or whole nodes of 8 (16, 24, ...)")
     single = estimate_setup(spec, setup).device_total_bytes
     cards = _cards(gpus) if gpus else [g for g in gpu_catalog().values() if g.price_hour_usd]
     out = []
@@ -165,7 +169,7 @@ def cheapest(spec: Any, setup: Any, *, gpus: list[str] | None = None, counts: tu
                         found = ("DDP" if stage == 0 else f"ZeRO-{stage}", need)
                         break
             if found:
-                out.append(Option(g, n, found[0], found[1], n * (g.price_hour_usd or float("nan"))))
+                out.append(RunOption(g, n, found[0], found[1], n * (g.price_hour_usd or float("nan"))))
                 break
     out.sort(key=lambda o: (o.cost_hour_usd if o.cost_hour_usd == o.cost_hour_usd else float("inf"), o.count))
     return out[:limit]
