@@ -44,7 +44,6 @@ def read_training_args(r: Reading, *, ckpt_default: bool | None, weights: str = 
             r.ignored[key] = f"{kw!r}: vramplan models non-reentrant checkpointing of every layer"
     r.ignore("deepspeed", "multi-GPU engine: estimate with --zero/--gpus (vramplan estimate_parallel)")
     r.ignore("fsdp", "multi-GPU engine: estimate with --fsdp/--gpus (vramplan estimate_parallel)")
-    r.ignore("fsdp_config", "multi-GPU engine: estimate with --fsdp/--gpus")
     r.ignore("torch_compile", "compiled graphs free and fuse activations differently; not modelled")
     r.ignore("torch_empty_cache_steps", "emptying the cache lowers reserved, not allocated, memory; not modelled")
     r.ignore("auto_find_batch_size", "the Trainer halves the batch on OOM; the file's batch is estimated")
