@@ -91,3 +91,14 @@ def test_every_api_entry_point_takes_every_option():
     assert vramplan.fit("1b", "lora", gpus="H100", **opts).estimate.setup.liger
     assert vramplan.estimate_parallel("1b", "lora", gpus=2, **opts).single.setup.activation_offload
     assert vramplan.plan("1b", "H100", "lora", limit=1, **opts).request.checkpoint_offload
+
+
+@pytest.mark.parametrize("trainer", ["hf", "trl", "plain"])
+def test_a_record_of_any_trainer_re_estimates_its_own_setup(trainer):
+    from vramplan.records import _spec_setup
+    from vramplan.setup import profiler_setup
+
+    spec = resolve_model("1b")
+    s = make_setup(spec, trainer=trainer, method="qlora", lora_targets="attention", batch_size=2)
+    rec = {"setup": profiler_setup(spec, s, name="x", steps=3)}
+    assert _spec_setup(rec)[1] == s
