@@ -18,6 +18,29 @@ KNOWN_GAPS = {
     # bitsandbytes LLM.int8 under gradient checkpointing keeps data-dependent outlier/quantisation
     # buffers in MatMul8bitLt ctx.tensors beyond the inputs the model counts (see the README).
     "l8b-lora-int8-ckpt-b2s1024": (-0.16, -0.10),
+    # Real-trainer records (data/measurements/h100_2026-11-25_trainers.jsonl) the trainer model
+    # does not yet get within the goal; each band pins today's error so a fix shows up.
+    # QLoRA through from_pretrained + prepare_model_for_kbit_training under Trainer's autocast:
+    # fp32 streams are cast to bf16 per op; not yet traced per tensor.
+    "tr-l1b-hf-qlora-ckpt-b2s1024": (-0.10, -0.08),
+    "tr-l8b-hf-qlora-ckpt-b2s2048": (-0.07, -0.05),
+    "h2-gran2b-hf-qlora-ckpt-b2s2048": (0.22, 0.24),
+    # DoRA on a 4-bit base (peft dequantises each Linear4bit weight per module in forward)
+    "tr-l3b-trl-qlora-dora-b2s1024": (-0.24, -0.22),
+    # TRL + DoRA/LoRA with checkpointing at large rank or many tokens: the recompute transients of
+    # the adapter branch exceed the one-layer term
+    "tr-q34b-trl-dora-b2s1024": (-0.08, -0.07),
+    "h2-q8b-trl-dora-b2s1024": (-0.065, -0.05),
+    "tr-q15-trl-lora-b4s1024": (-0.065, -0.05),
+    "h2-smol17-trl-lora-r64-b8s1024": (-0.095, -0.08),
+    # TRL activation offloading: more than two layers' tensors stay on the card at long sequences
+    "h2-tiny-trl-lora-actoff-b4s2048": (-0.255, -0.24),
+    # Liger: RMSNorm/SwiGLU kernels save fewer tensors than the transformers ops modelled, and the
+    # fused linear cross-entropy's forward chunk is over-counted
+    "tr-l1b-trl-lora-liger-b2s1024": (0.11, 0.125),
+    "tr-l1b-hf-full-liger-b2s1024": (0.095, 0.105),
+    "h2-l1b-hf-full-8bit-liger-b4s1024": (0.17, 0.18),
+    "h2-smol17-hf-lora-liger-ckpt-b4s2048": (-0.10, -0.09),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramplan.arch import ArchConfig
+from vramplan.heads import HeadActs, hf_loss_head, liger_flce_head, trl_fused_head
 from vramplan.layout import Layout
 from vramplan.setup import Setup
 
@@ -35,6 +36,15 @@ class Dtypes:
     linear_out: int  # Linear outputs inside attention and MLP
     logits: int  # lm_head output
     autocast: bool  # mixed precision: each Linear casts its input to 16-bit separately
+    # Trainer's bf16=True autocasts over 16-bit weights: only the fp32 LoRA adapters cast
+    # (lora_A saves a 16-bit cast of its input, lora_B returns 16-bit)
+    lora_autocast: bool = False
+
+
+def trainer_autocast(setup: Setup) -> bool:
+    """transformers Trainer and TRL run forward under torch.autocast(bf16) when bf16=True, which
+    both do for 16-bit setups (TrainingArguments.bf16; SFTConfig defaults it on)."""
+    return setup.trainer in ("hf", "trl") and setup.precision != "fp32"
 
 
 def stream_dtypes(setup: Setup) -> Dtypes:
@@ -49,7 +59,7 @@ def stream_dtypes(setup: Setup) -> Dtypes:
         # hidden states are fp32; bitsandbytes Linear4bit/8bitLt return their input's dtype.
         return Dtypes(4, 4, 4, 4, False)
     b = 2 if setup.dtype in ("bf16", "fp16") or setup.quantised else 4
-    return Dtypes(b, b, b, b, False)
+    return Dtypes(b, b, b, b, False, lora_autocast=trainer_autocast(setup) and b == 2)
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ def _consumer_bytes(*, d_in: int, in_bytes: int, base_saves: bool, lora: bool, s
     b = 0
     if base_saves and dt.autocast and in_bytes != 2:
         b += 2 * d_in
-    if lora and dt.autocast:
+    if lora and (dt.autocast or dt.lora_autocast):
         # under autocast lora_A (an fp32 Linear) saves its own 16-bit cast of the dropout output;
         # dropout keeps only its mask (traced: probe-l1b-lora-mixed)
         return b + (3 if setup.lora_dropout > 0 else 2) * d_in
@@ -104,6 +114,34 @@ def _consumer_bytes(*, d_in: int, in_bytes: int, base_saves: bool, lora: bool, s
         elif not shared_seen[0]:
             shared_seen[0] = True  # lora_A saves the fp32 input itself, shared by all targets
     return b
+
+
+def dora_terms(lay: Layout, setup: Setup, dt: Dtypes) -> tuple[int, int, int]:
+    """DoRA (peft tuners/lora/dora.py DoraLinearLayer.forward, with dropout in training): per
+    targeted module `base_result = F.linear(x, weight.to(x.dtype))` recomputes the base output and
+    `(mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling` saves both
+    outputs for the magnitude's gradient (per token: 2 x d_out in the compute dtype); F.linear saves
+    its weight operand for the input gradient — the base weight cast to the compute dtype, a dense
+    d_out x d_in copy per module (per layer, not per token). Forward transient: the fp32 weight
+    copy, weight + scaling * lora_weight and the d_out x d_in lora_weight built from an identity.
+    Traced: tr-l1b-hf-dora-b2s1024 (dora.py:163, 5 x 32 MiB per layer)."""
+    ob = 2 if (dt.autocast or dt.lora_autocast or dt.linear_out == 2) else 4
+    wb = 2 if (dt.autocast or dt.lora_autocast) else 4
+    mods = [lm for lm in lay.linears if lm.module in setup.lora_targets]
+    tok = sum(2 * ob * lm.d_out for lm in mods)
+    w = sum(wb * lm.numel for lm in mods)
+    tmp = max((3 * 4 * lm.numel for lm in mods), default=0)
+    return tok, w, tmp
+
+
+def lora_forward_transient(lay: Layout, setup: Setup, dt: Dtypes) -> int:
+    """Per token: peft casts a targeted module's input to the fp32 adapter dtype and dropout writes
+    a new fp32 tensor; both exist while lora_A runs (peft lora/layer.py Linear.forward;
+    traced: tr-l1b-trl-lora-b2s1024, _cast_input_dtype + dropout, 64 MiB each on down_proj)."""
+    if setup.method not in ("lora", "qlora") or setup.lora_dropout == 0 or not (dt.lora_autocast or dt.autocast):
+        return 0
+    widest = max((lm.d_in for lm in lay.linears if lm.module in setup.lora_targets), default=0)
+    return 2 * 4 * widest + 2 * widest
 
 
 def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes, kernel: AttnKernel,
@@ -229,7 +267,8 @@ def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes
             # peft IA3: result * ia3_l saves the k/v outputs; down's input is cast to the fp32
             # vector's dtype and saved by x * ia3_l (peft/tuners/ia3/layer.py)
             per_tok += L * 2 * kv + 4 * Iw
-    saved = per_tok * T + core
+    dora_tok, dora_w, dora_tmp = dora_terms(lay, setup, dt) if (lora and setup.use_dora) else (0, 0, 0)
+    saved = (per_tok + dora_tok) * T + core + dora_w
     retained = 0
     if setup.dtype == "int8":
         # bitsandbytes MatMul8bitLt.forward stores its input A in ctx.tensors (not
@@ -240,7 +279,7 @@ def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes
     # Backward of one layer: the gradients of the widest intermediates (MLP) exist together while
     # its saved tensors are still alive; for eager/math the attention-score gradients too.
     width = (arch.moe_intermediate or Iw) * (arch.experts_per_token or 1)
-    transient = 3 * L * width * T
+    transient = max(3 * L * width * T, dora_tmp, lora_forward_transient(lay, setup, dt) * T)
     if kernel.name == "math":
         # softmax backward: gradient of the probabilities, of the scores and one more
         # score-sized buffer, all fp32, beside the saved probabilities (traced:
@@ -252,37 +291,19 @@ def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes
     return LayerActs(saved=saved, transient=transient, retained=retained)
 
 
-@dataclass(frozen=True)
-class HeadActs:
-    """Final norm, lm_head, logits and loss."""
-
-    saved: int  # saved for backward at the end of forward (final norm + log-softmax output)
-    logits: int  # the lm_head output (held by the model output)
-    fwd_transient: int  # extra at the loss computation (fp32 upcast of the logits, softcap temps)
-    bwd_transient: int  # extra at the start of backward (log-softmax backward buffers)
-
-
 def head_activations(arch: ArchConfig, setup: Setup, dt: Dtypes) -> HeadActs:
+    """The loss path each trainer runs: TRL's fused chunked LM head, Liger's fused linear
+    cross-entropy (Trainer with use_liger_kernel), else transformers' logits + cross-entropy."""
     T = micro_batch_tokens(setup)
-    V, H = arch.vocab, arch.hidden
     base = setup.method in ("full", "galore")
-    saved = (dt.residual if arch.family == "gpt2" else 4) * H * T  # final norm input
-    if base:
-        saved += (0 if arch.family == "gpt2" else 2) * H * T  # normalised copy (trainable weight)
-        saved += (2 if dt.autocast else dt.norm_out) * H * T  # lm_head input (trainable lm_head)
-    Lv = dt.logits
-    logits = Lv * V * T
-    # transformers loss_utils.ForCausalLMLoss: logits.float(), then cross_entropy = log_softmax
-    # (saves its fp32 output) + nll_loss.
-    saved += 4 * V * T
-    fwd_transient = (4 * V * T if Lv != 4 else 0)
-    if arch.final_logit_softcap:
-        saved += Lv * V * T  # tanh output saved (Gemma2 final_logit_softcapping)
-        fwd_transient += Lv * V * T
-    # Backward of log_softmax: the incoming fp32 gradient (nll_loss backward) and the outgoing one
-    # exist together with the saved output (seen as +8 B/(token*vocab) at the backward peak).
-    bwd_transient = 8 * V * T
-    return HeadActs(saved=saved, logits=logits, fwd_transient=fwd_transient, bwd_transient=bwd_transient)
+    compute = 2 if (dt.linear_out == 2 or dt.lora_autocast) else 4
+    if setup.trainer == "trl":
+        return trl_fused_head(arch, setup, tokens=T, residual_bytes=dt.residual, compute_bytes=compute, base=base,
+                              liger_norm=setup.liger)
+    if setup.liger:
+        return liger_flce_head(arch, setup, tokens=T, residual_bytes=dt.residual, compute_bytes=compute, base=base)
+    return hf_loss_head(arch, setup, tokens=T, residual_bytes=dt.residual, norm_out_bytes=dt.norm_out,
+                        logits_bytes=dt.logits, autocast=dt.autocast, base=base)
 
 
 def checkpoint_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:

@@ -27,6 +27,9 @@ CUBLAS_WORKSPACE_BYTES = 65 * MiB
 # generation in data/gpu_specs.yaml): override with context_bytes=.
 CUDA_CONTEXT_BYTES = DEFAULT_CUDA_CONTEXT_BYTES
 
+# outside_allocator key of memory that lives on the host, not the card (not in the device total)
+HOST_ACTIVATIONS = "offloaded activations (pinned host memory)"
+
 PHASES = ("load", "forward", "backward", "optimizer_step")
 
 
@@ -89,11 +92,27 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     ws = CUBLAS_WORKSPACE_BYTES
     # under checkpointing each layer keeps only its input, and the one being recomputed its own
     ckpt_input = checkpoint_bytes(arch, setup, dt) if setup.grad_checkpointing else 0
+    if setup.trainer == "trl" and setup.grad_checkpointing and setup.method not in ("full", "galore"):
+        # SFTTrainer with a peft adapter and checkpointing holds a second 16-bit copy of every
+        # layer's input (it calls model.enable_input_require_grads() on top of Trainer's own
+        # checkpointing, trl/trainer/sft_trainer.py). Measured, not yet traced to its allocation
+        # site: one extra batch x seq x hidden per layer on all 13 TRL adapter + checkpointing
+        # records (tr-*-trl-lora/qlora/dora, h2-*-trl-*; 0.82-1.0 copies), none on full
+        # fine-tunes or on Trainer runs.
+        ckpt_input *= 2
+    host_acts = 0
     if setup.grad_checkpointing:
         layers_saved = ckpt_input * lay.layers
     else:
         layer0 = layer_activations(arch, lay, setup, dt=dt, kernel=kernel, first_layer=True)
         layers_saved = layer.saved * (lay.layers - 1) + layer0.saved
+    if setup.activation_offload:
+        # TRL activation_offloading (trl/models/activation_offloading.py OffloadActivations): every
+        # saved tensor of >= 1 KiB goes to pinned host memory as forward runs and comes back layer
+        # by layer in backward on a side stream that prefetches the next layer's tensors while the
+        # current layer's backward runs: two layers' tensors are on the card at a time.
+        host_acts = layers_saved
+        layers_saved = 2 * (ckpt_input if setup.grad_checkpointing else layer.saved)
     # Mixed precision: autocast casts each weight to 16-bit once per forward and the casts are
     # saved for backward (torch autocast weight cache) — 2 bytes per base parameter in Linears.
     autocast_cache = 2 * lay.layers * sum(lm.numel for lm in lay.linears) + 2 * lay.lm_head_params if dt.autocast else 0
@@ -154,12 +173,15 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
         param_shaped_peak_bytes=grads + max(opt.step_transient, emb_grad),
         split_vocab_bytes=0 if setup.grad_checkpointing else 4 * arch.vocab * micro_batch_tokens(setup)))
     outside = {"cuda_context": context_bytes}
+    if host_acts:
+        outside[HOST_ACTIVATIONS] = host_acts
     if opt.managed:
         outside["paged_optimizer_states (CUDA managed memory)"] = opt.managed
     return Estimate(
         model=spec.name, params_total=spec.params_total, params_trainable=tr.params, setup=setup,
         breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
-        peak_reserved_bytes=reserved, device_total_bytes=reserved + sum(outside.values()),
+        peak_reserved_bytes=reserved,
+        device_total_bytes=reserved + sum(v for k, v in outside.items() if k != HOST_ACTIVATIONS),
         outside_allocator=outside,
         terms={"weights": w.total, "adapters": adapters, "grads": grads, "opt_states": opt.in_allocator,
                "opt_transient": opt.step_transient, "workspace": ws, "acts_fwd_peak": fwd_peak, "acts_bwd_loss": bwd_loss,

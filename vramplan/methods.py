@@ -33,6 +33,13 @@ class Trainable:
 ADAPTER_BYTES = 4
 
 
+def adapter_bytes(setup: Setup) -> int:
+    """fp32, except on a quantised base that `prepare_model_for_kbit_training` did not prepare
+    (TRL's SFTTrainer never calls it): peft then builds the adapters in the bnb layer's compute
+    dtype (measured: tr-l1b-trl-qlora-b2s1024, trainable dtypes bfloat16)."""
+    return 2 if (setup.quantised and not setup.kbit_prepare and setup.trainer in ("hf", "trl")) else ADAPTER_BYTES
+
+
 def lora_params(lay: Layout, setup: Setup) -> tuple[int, tuple[tuple[int, int, int], ...]]:
     """LoRA A (r x d_in) and B (d_out x r) for each targeted Linear in every layer, summed over
     the layer groups; fused MoE parameters peft targets through ParamWrapper get A
@@ -45,6 +52,10 @@ def lora_params(lay: Layout, setup: Setup) -> tuple[int, tuple[tuple[int, int, i
             if lm.module in setup.lora_targets:
                 total += r * (lm.d_in + lm.d_out) * g.count
                 mats += [(r, lm.d_in, g.count), (lm.d_out, r, g.count)]
+                if setup.use_dora:
+                    # DoRA's magnitude vector, one per output row (peft lora/dora.py
+                    # DoraLinearLayer.update_layer: nn.Parameter(weight_norm))
+                    total += lm.d_out * g.count
         for pt in g.param_targets:
             if pt.module in setup.lora_targets:
                 rr = pt.rank_mult * r * pt.experts
@@ -93,7 +104,7 @@ def trainable(lay: Layout, arch: ArchConfig, setup: Setup, dense_bytes: int) -> 
     if m in ("lora", "qlora"):
         n, mats = lora_params(lay, setup)
         largest = max(a * b for a, b, _ in mats)
-        return Trainable(n, ADAPTER_BYTES, sum(c for *_, c in mats), largest, mats)
+        return Trainable(n, adapter_bytes(setup), sum(c for *_, c in mats), largest, mats)
     if m == "prefix":
         n = prefix_params(arch, setup)
         return Trainable(n, ADAPTER_BYTES, 1 if not setup.prefix_projection else 5, n)

@@ -109,6 +109,13 @@ def optimizer_bytes(*, tr: Trainable, setup: Setup) -> OptimizerBytes:
         big = max((m * n for m, n, _ in tr.matrices), default=0)
         return OptimizerBytes(st, 0, big * (4 + tr.bytes_per_param))
     st = plain_state_bytes(tr.params, tr, setup.optimizer, matrices=tr.matrices + tr.other_matrices)
+    if spec.state_bytes == 1 and setup.trainer in ("hf", "trl") and tr.base_trainable and tr.other_matrices:
+        # Trainer registers a 32-bit override for every nn.Embedding weight under bitsandbytes
+        # 8-bit optimizers (transformers trainer.py get_optimizer_cls_and_kwargs:
+        # manager.register_module_override(module, "weight", {"optim_bits": 32}));
+        # measured: tr-l1b-hf-full-8bit-b2s1024
+        v, h, _ = tr.other_matrices[0]
+        st += spec.states * v * h * 4 - _adam8_bytes(v * h, spec.states)
     if spec.foreach:
         transient = tr.params * tr.bytes_per_param
     elif spec.factored:

@@ -150,7 +150,8 @@ def phases_figure(record: dict[str, Any]) -> Figure:
 
     e = record_estimate(record)
     st = max(record["steps"], key=lambda x: x["peak"])
-    measured = {"forward": st["peak_fwd"], "backward": st["peak_bwd"], "optimizer_step": st["peak"]}
+    # trainer records hold no forward-only peak (no Trainer hook between forward and backward)
+    measured = {"forward": st.get("peak_fwd", st["peak_bwd"]), "backward": st["peak_bwd"], "optimizer_step": st["peak"]}
     est = {"forward": e.phases["forward"], "backward": max(e.phases["forward"], e.phases["backward"]),
            "optimizer_step": e.peak_allocated_bytes}
     fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")

@@ -106,6 +106,8 @@ def _measured_phase(rec: dict[str, Any]) -> str:
     st = max(rec["steps"], key=lambda x: x["peak"])
     if st["peak"] > st["peak_bwd"]:
         return "optimizer_step"
+    if "peak_fwd" not in st:  # trainer records: Trainer has no hook between forward and backward
+        return "backward"
     return "backward" if st["peak_bwd"] > st["peak_fwd"] else "forward"
 
 
@@ -148,7 +150,8 @@ def cumulative_peaks(phases: dict[str, int]) -> dict[str, int]:
 def measured_vs_estimated(rec: dict[str, Any], est: Estimate) -> list[tuple[str, int, int]]:
     """(phase, measured cumulative peak, estimated cumulative peak) of a record's highest step."""
     st = max(rec["steps"], key=lambda x: x["peak"])
-    measured = {"forward": st["peak_fwd"], "backward": st["peak_bwd"], "optimizer_step": st["peak"]}
+    # trainer records hold no forward-only peak (no Trainer hook between forward and backward)
+    measured = {"forward": st.get("peak_fwd", st["peak_bwd"]), "backward": st["peak_bwd"], "optimizer_step": st["peak"]}
     est_cum = cumulative_peaks(est.phases)
     return [(p, measured[p], est_cum[p]) for p in CUMULATIVE_PHASES]
 
