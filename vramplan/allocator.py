@@ -127,16 +127,32 @@ def same_shape_state_copies(*, optimizer: str) -> int:
     return spec.states if spec.state_bytes is None and not spec.paged else 0
 
 
+# Keyed by the layout's identity (as vramplan.layout caches layouts): packing every parameter
+# tensor costs ~1,000 steps for a 405B model, which would dominate an estimate.
+_ROUNDING_CACHE: dict[tuple[int, float, float | None], tuple[Layout, int]] = {}
+
+
+def param_rounding_bytes(*, lay: Layout, bytes_per_param: float, linear_bytes_per_param: float | None = None) -> int:
+    """rounding_bytes of one copy of the parameter tensors, computed once per layout and dtype."""
+    key = (id(lay), bytes_per_param, linear_bytes_per_param)
+    hit = _ROUNDING_CACHE.get(key)
+    if hit is not None and hit[0] is lay:
+        return hit[1]
+    val = rounding_bytes(tensor_bytes=param_tensor_bytes(lay=lay, bytes_per_param=bytes_per_param,
+                                                         linear_bytes_per_param=linear_bytes_per_param))
+    _ROUNDING_CACHE[key] = (lay, val)
+    return val
+
+
 def step_pools(*, lay: Layout, weight_bytes_per_param: float, linear_bytes_per_param: float | None,
                trainable_copies: int, trainable_bytes_per_param: float, persistent_bytes: int, vocab_peak_bytes: int,
                activation_peak_bytes: int, param_shaped_peak_bytes: int, split_vocab_bytes: int = 0) -> StepPools:
     """StepPools with the segment rounding of the weights and of `trainable_copies` parameter-shaped
     copies (gradients, optimizer states) of a fully trained model."""
-    rounding = rounding_bytes(tensor_bytes=param_tensor_bytes(lay=lay, bytes_per_param=weight_bytes_per_param,
-                                                                linear_bytes_per_param=linear_bytes_per_param))
+    rounding = param_rounding_bytes(lay=lay, bytes_per_param=weight_bytes_per_param,
+                                    linear_bytes_per_param=linear_bytes_per_param)
     if trainable_copies and trainable_bytes_per_param:
-        rounding += rounding_bytes(tensor_bytes=param_tensor_bytes(lay=lay, bytes_per_param=trainable_bytes_per_param),
-                                   copies=trainable_copies)
+        rounding += trainable_copies * param_rounding_bytes(lay=lay, bytes_per_param=trainable_bytes_per_param)
     return StepPools(persistent_bytes=persistent_bytes, vocab_peak_bytes=vocab_peak_bytes,
                      activation_peak_bytes=activation_peak_bytes, param_shaped_peak_bytes=param_shaped_peak_bytes,
                      rounding_bytes=rounding, split_vocab_bytes=split_vocab_bytes)
