@@ -25,9 +25,29 @@ def main() -> None:
     s = summarise(comps)
     print(f"| **all** | {s.n} | {100 * s.median_abs:.2f}% | {100 * s.worst_abs:.2f}% | {100 * s.worst_under:.2f}% |")
     print(f"\np90 abs error over all records: {100 * s.p90_abs:.2f}%")
+    trainer_table(recs)
     if REF.exists():
         r = summarise(compare(load_reference(REF)))
         print(f"shared reference (8 H100 runs): median {100 * r.median_abs:.2f}%, worst {100 * r.worst_abs:.2f}%")
+
+
+def trainer_table(recs: list) -> None:
+    """Real-trainer records by trainer, split into the records the trainer terms were read off
+    (data/cases/trainers1.yaml, names tr-*) and those measured after (trainers2.yaml, h2-*)."""
+    rows: dict[tuple[str, str], list] = defaultdict(list)
+    for r, c in zip([r for r in recs if r.get("status") == "ok"], compare(recs)):
+        tr = r["setup"].get("trainer", "plain")
+        if tr == "plain":
+            continue
+        split = "held out" if c.name.startswith("h2-") else ("in-sample" if c.name.startswith("tr-") else "callback")
+        rows[(tr, split)].append(c)
+        rows[("all trainers", split)].append(c)
+    print("\n| trainer | records | median abs error | p90 abs | worst abs error | worst under-estimate |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (tr, split), cs in sorted(rows.items()):
+        s = summarise(cs)
+        print(f"| {tr} ({split}) | {s.n} | {100 * s.median_abs:.2f}% | {100 * s.p90_abs:.2f}% | {100 * s.worst_abs:.2f}% | "
+              f"{100 * s.worst_under:.2f}% |")
 
 
 if __name__ == "__main__":
