@@ -16,18 +16,15 @@ relative to the allocation before the model was built. Prints one JSON record on
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import os
 import resource
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
-from vramplan.profiler.worker import _managed_bytes, _versions, summarise_trace
+from vramplan.profiler.worker import _managed_bytes, recorded_case, summarise_trace
 
 # Trainer's `optim` names for vramplan's optimizers (transformers training_args.py OptimizerNames).
 HF_OPTIM = {"adamw": "adamw_torch", "adamw-fused": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit",
@@ -225,24 +222,7 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
 def main() -> None:
     setup = json.loads(sys.argv[1])
     trace = bool(setup.pop("trace", False))
-    import torch
-
-    rec: dict[str, Any] = {"setup": setup, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        rec["gpu"] = torch.cuda.get_device_name(0)
-        rec["versions"] = _versions()
-        import importlib.metadata as md
-
-        for pkg in ("trl", "liger-kernel", "datasets"):
-            with contextlib.suppress(md.PackageNotFoundError):
-                rec["versions"][pkg] = md.version(pkg)
-        rec.update(run_case(setup, trace=trace))
-    except torch.OutOfMemoryError as e:
-        rec.update(status="oom", error=str(e).splitlines()[0][:300],
-                   peak_allocated=torch.cuda.max_memory_allocated(), gpu_total=torch.cuda.mem_get_info()[1])
-    except Exception as e:  # a failed case is a recorded result too
-        rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:500]}", tb=traceback.format_exc()[-2500:])
-    print(json.dumps(rec), flush=True)
+    print(json.dumps(recorded_case(setup, lambda: run_case(setup, trace=trace))), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 # Marker allocations (distinct sizes) let the trace replay find phase boundaries.
@@ -31,7 +32,7 @@ def _versions() -> dict[str, str]:
     import torch
 
     out = {"torch": torch.__version__, "python": platform.python_version()}
-    for pkg in ("transformers", "peft", "bitsandbytes", "galore-torch", "accelerate"):
+    for pkg in ("transformers", "peft", "bitsandbytes", "galore-torch", "accelerate", "trl", "liger-kernel", "datasets"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     if torch.cuda.is_available():
@@ -208,21 +209,28 @@ def main() -> None:
     setup = json.loads(sys.argv[1])
     steps = int(setup.pop("steps", 3))
     trace = bool(setup.pop("trace", False))
-    import torch
 
     from vramplan.profiler import build  # noqa: F401  (fail early on a missing dependency)
+
+    print(json.dumps(recorded_case(setup, lambda: run_case(setup, steps=steps, trace=trace))), flush=True)
+
+
+def recorded_case(setup: dict[str, Any], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One case's record: setup, date, GPU and versions, then what `run` measured; an OOM or any
+    other failure is a recorded result too, never a crash."""
+    import torch
 
     rec: dict[str, Any] = {"setup": setup, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:
         rec["gpu"] = torch.cuda.get_device_name(0)
         rec["versions"] = _versions()
-        rec.update(run_case(setup, steps=steps, trace=trace))
+        rec.update(run())
     except torch.OutOfMemoryError as e:
         rec.update(status="oom", error=str(e).splitlines()[0][:300],
                    peak_allocated=torch.cuda.max_memory_allocated(), gpu_total=torch.cuda.mem_get_info()[1])
-    except Exception as e:  # a failed case is a recorded result too
-        rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:500]}", tb=traceback.format_exc()[-2000:])
-    print(json.dumps(rec), flush=True)
+    except Exception as e:
+        rec.update(status="error", error=f"{type(e).__name__}: {str(e)[:500]}", tb=traceback.format_exc()[-2500:])
+    return rec
 
 
 if __name__ == "__main__":
