@@ -93,3 +93,14 @@ def test_specs_are_hashable_and_built_once():
     a = resolve_model("8b")
     assert a is resolve_model("llama-3.1-8b")
     assert build_spec(a.arch).params_total == a.params_total
+
+
+@pytest.mark.parametrize(("name", "window"), [
+    ("mistral-7b-v0.1", 4096), ("mistral-7b", None), ("mistral-nemo-12b", None), ("mistral-small-24b", None),
+    ("mistral-small-3.1-24b", None),
+])
+def test_mistral_sliding_window_follows_each_config_json(name, window):
+    """MistralConfig defaults sliding_window to 4096 (v0.1); v0.3, Nemo and Small 3.x set it null."""
+    arch = resolve_model(name).arch
+    assert arch.sliding_window == window
+    assert set(arch.layer_attention) == {"sliding" if window else "full"}

@@ -11,12 +11,28 @@ from vramplan.layout import layout
 from vramplan.setup import resolve_targets
 
 
+# Hub safetensors totals (the model page's parameter count); Mistral Small 3.1's is its text model's
+# (the mistral3 wrapper adds a 0.44B vision tower).
 @pytest.mark.parametrize(("name", "published"), [
     ("granite-3.3-8b", 8_170_864_640), ("qwen3-30b-a3b", 30_532_122_624), ("gpt-oss-20b", 20_914_757_184),
-    ("gpt-oss-120b", 116_829_156_672),
+    ("gpt-oss-120b", 116_829_156_672), ("gemma-3-1b", 999_885_952), ("phi-4", 14_659_507_200),
+    ("phi-4-mini", 3_836_021_760), ("olmo-2-7b", 7_298_617_344), ("olmo-2-13b", 13_716_198_400),
+    ("mistral-small-3.1-24b", 23_572_403_200),
 ])
 def test_new_architectures_match_published_parameter_totals(name, published):
     assert resolve_model(name).params_total == published
+
+
+@pytest.mark.parametrize(("name", "published", "extra_rows"), [
+    # Qwen3-1.7B's safetensors store the tied lm_head a second time (hub total 2,031,739,904)
+    ("qwen3-1.7b", 2_031_739_904, 151936),
+    # keras-hub gemma3_presets.py text-only counts use a 262,144-row vocabulary; the HF text
+    # config of the multimodal 4B/12B holds 262,208 rows (64 more)
+    ("gemma-3-4b", 3_880_099_328, -64), ("gemma-3-12b", 11_765_788_416, -64),
+])
+def test_published_totals_that_count_embedding_rows_differently(name, published, extra_rows):
+    spec = resolve_model(name)
+    assert spec.params_total + extra_rows * spec.arch.hidden == published
 
 
 @pytest.mark.parametrize("name", ["gemma-3-27b", "llama-4-maverick", "deepseek-v3", "gpt-oss-20b", "mixtral-8x7b", "gpt2"])
