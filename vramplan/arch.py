@@ -2,8 +2,10 @@
 (ModelSpec) from which every count and byte figure derives.
 
 The implementation lives in `vramplan.archs` (spec: dataclasses; hf: config.json -> ArchConfig;
-layers: the inventory, mirroring transformers 5.x modeling_<type>.py); tests/test_arch*.py check
-every supported type against the model transformers builds on the meta device.
+layers: the inventory, mirroring transformers 5.x modeling_<type>.py; meta: any other causal LM,
+its inventory read off transformers' meta-device model, its activations approximate);
+tests/test_arch*.py check every supported type against the model transformers builds on the meta
+device.
 """
 
 from __future__ import annotations

@@ -186,9 +186,13 @@ def arch_from_hf_config(raw: dict[str, Any], name: str = "custom") -> ArchConfig
         text = raw["text_config"]
         return arch_from_hf_config({"model_type": f"{mt}_text", **text}, name)
     if mt not in DEFAULTS:
-        raise VramplanError(
-            f"config {name!r}: model_type {mt!r} is not supported; supported: {', '.join(sorted(DEFAULTS))}"
-        )
+        if not mt or not isinstance(mt, str):
+            raise VramplanError(
+                f"config {name!r}: model_type {mt!r} is not supported; supported: {', '.join(sorted(DEFAULTS))}"
+            )
+        from vramplan.archs.meta import meta_arch  # any other causal LM, via transformers' meta device
+
+        return meta_arch(raw, name, DEFAULTS)
     cfg = {**DEFAULTS[mt], **{k: v for k, v in raw.items() if v is not None or k in ("sliding_window", "q_lora_rank")}}
     if mt == "gpt2":
         return _gpt2(cfg, name)

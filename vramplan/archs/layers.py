@@ -121,6 +121,8 @@ def _gpt2_layer(a: ArchConfig, i: int) -> list[TensorSpec]:
 
 def build_spec(a: ArchConfig) -> ModelSpec:
     """The per-tensor inventory of an architecture, in transformers' own naming."""
+    if a.inventory:  # read off transformers' meta-device model (vramplan.archs.meta)
+        return ModelSpec(arch=a, tensors=a.inventory)
     if a.family == "gpt2":
         tensors = [TensorSpec("transformer.wte.weight", (a.vocab, a.hidden), "embedding", None, "wte"),
                    TensorSpec("transformer.wpe.weight", (a.max_positions, a.hidden), "embedding", None, "wpe")]

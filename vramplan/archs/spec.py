@@ -103,6 +103,10 @@ class ArchConfig:
     embedding_multiplier: float = 1.0  # Granite: embeddings * embedding_multiplier
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
+    # --- a model_type vramplan does not describe (vramplan.archs.meta) --------------------------
+    approximate: str = ""  # why the estimate is approximate; "" for every supported type
+    # the exact inventory read off transformers' meta-device model; () = derive it (layers.build_spec)
+    inventory: tuple[TensorSpec, ...] = field(default=(), compare=False, hash=False, repr=False)
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -144,6 +148,11 @@ class ModelSpec:
     @property
     def name(self) -> str:
         return self.arch.name
+
+    @property
+    def approximate(self) -> str:
+        """Why estimates of this model are approximate ("" when vramplan describes its type)."""
+        return self.arch.approximate
 
     @cached_property
     def params_total(self) -> int:
