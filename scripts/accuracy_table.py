@@ -35,7 +35,7 @@ def trainer_table(recs: list) -> None:
     """Real-trainer records by trainer, split into the records the trainer terms were read off
     (data/cases/trainers1.yaml, names tr-*) and those measured after (trainers2.yaml, h2-*)."""
     rows: dict[tuple[str, str], list] = defaultdict(list)
-    for r, c in zip([r for r in recs if r.get("status") == "ok"], compare(recs)):
+    for r, c in zip([r for r in recs if r.get("status") == "ok"], compare(recs), strict=True):
         tr = r["setup"].get("trainer", "plain")
         if tr == "plain":
             continue

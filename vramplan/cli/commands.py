@@ -208,7 +208,7 @@ def profile(model: Model = "1b", steps: Annotated[int, typer.Option(help="traini
     from vramplan.profiler.sweep import run_one
     from vramplan.records import measured_vs_estimated, record_estimate
 
-    rec = run_one(setup, timeout_s=3600)
+    rec = run_one(setup, timeout_s=3600)[0]
     if out_:
         with out_.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")

@@ -30,6 +30,8 @@ def case_setups(path: Path, **extra: Any) -> list[dict[str, Any]]:
         name, model, steps = c.pop("name"), c.pop("model"), c.pop("steps", 3)
         # `trace` replays the allocator history; `serial` marks a case too big to share the GPU
         row_extra = {k: True for k in ("trace", "serial") if c.pop(k, False)}
+        # multi-GPU launch (vramplan.profiler.trainer_dist): world size and engine, not Setup fields
+        row_extra.update({k: c.pop(k) for k in ("gpus", "zero", "fsdp", "offload") if k in c})
         spec = resolve_model(model)
         out.append(profiler_setup(spec, make_setup(spec, **c), name=name, steps=steps, **{**extra, **row_extra}))
     return out
@@ -42,17 +44,28 @@ def worker_module(setup: dict[str, Any]) -> str:
     return "vramplan.profiler.worker"
 
 
-def run_one(setup: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", worker_module(setup), json.dumps(setup)]
+def launch_command(setup: dict[str, Any]) -> list[str]:
+    """One process, or torchrun with one process per GPU (each rank prints its own record)."""
+    world = int(setup.get("gpus", 1))
+    head = [sys.executable, "-m"]
+    if world > 1:
+        head += ["torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m"]
+    return [*head, worker_module(setup), json.dumps(setup)]
+
+
+def run_one(setup: dict[str, Any], *, timeout_s: float) -> list[dict[str, Any]]:
+    """The records of one case: one, or one per rank of a multi-GPU launch."""
+    # OMP threads for CPU-side optimizer steps under offload (torchrun would set 1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "8"))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        proc = subprocess.run(launch_command(setup), capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
-        return {"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s"}
-    for line in reversed(proc.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"setup": setup, "status": "error", "error": (proc.stderr or proc.stdout)[-1500:]}
+        return [{"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s"}]
+    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"setup"')]
+    if recs:
+        return sorted(recs, key=lambda r: r.get("rank", 0))
+    return [{"setup": setup, "status": "error", "error": (proc.stderr or proc.stdout)[-1500:]}]
 
 
 def run_cases(setups: list[dict[str, Any]], out: Path, *, budget_s: float = 3600, case_timeout_s: float = 600,
@@ -68,27 +81,29 @@ def run_cases(setups: list[dict[str, Any]], out: Path, *, budget_s: float = 3600
     lock = threading.Lock()
     cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
 
-    def one(setup: dict[str, Any]) -> dict[str, Any] | None:
+    def one(setup: dict[str, Any]) -> list[dict[str, Any]]:
         left = budget_s - (time.time() - t0)
         if left < 20:
-            return None
-        rec = run_one(setup, timeout_s=min(case_timeout_s, left))
-        rec["concurrent"] = parallel > 1
-        return rec
+            return []
+        recs = run_one(setup, timeout_s=min(case_timeout_s, left))
+        for rec in recs:
+            rec["concurrent"] = parallel > 1
+        return recs
 
     with Progress(*cols, transient=False) as bar, out.open("a", encoding="utf-8") as fh, \
             ThreadPoolExecutor(max_workers=parallel) as pool:
         task = bar.add_task("profiling", total=len(setups))
-        for rec in pool.map(one, setups):
+        done = 0
+        for recs in pool.map(one, setups):
             bar.advance(task)
-            if rec is None:
-                continue
-            with lock:
-                records.append(rec)
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()
-            bar.console.print(f"{rec['setup'].get('name', '?'):44s} {rec.get('status', '?'):7s} "
-                              f"{(rec.get('peak_allocated') or 0) / 2**30:8.3f} GiB {rec.get('error', '')[:120]}")
-        if len(records) < len(setups):
-            bar.console.print(f"[yellow]time budget spent; {len(setups) - len(records)} cases not run")
+            done += bool(recs)
+            for rec in recs:
+                with lock:
+                    records.append(rec)
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                bar.console.print(f"{rec['setup'].get('name', '?'):40s} r{rec.get('rank', 0)} {rec.get('status', '?'):7s} "
+                                  f"{(rec.get('peak_allocated') or 0) / 2**30:8.3f} GiB {rec.get('error', '')[:120]}")
+        if done < len(setups):
+            bar.console.print(f"[yellow]time budget spent; {len(setups) - done} cases not run")
     return records

@@ -24,6 +24,7 @@ import tempfile
 import time
 from typing import Any
 
+from vramplan.profiler.trainer_dist import builds_under_zero3, engine, host_rss, init_process_group, local_rank, parallel_args
 from vramplan.profiler.worker import _managed_bytes, recorded_case, summarise_trace
 
 # Trainer's `optim` names for vramplan's optimizers (transformers training_args.py OptimizerNames).
@@ -72,6 +73,8 @@ def build_trainer_model(setup: dict[str, Any], device: Any, tmp: str) -> Any:
     cfg = AutoConfig.for_model(**setup["hf_config"])
     cfg.use_cache = False
     attn = {"flash": "sdpa"}.get(setup["attn"], setup["attn"])
+    if device is None:  # ZeRO-3: deepspeed.zero.Init places each partition itself
+        return AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype(setup), attn_implementation=attn)
     if setup["dtype"] not in ("int8", "nf4", "fp4"):
         with device:
             return AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype(setup), attn_implementation=attn)
@@ -102,7 +105,20 @@ def _common_args(setup: dict[str, Any], out: str) -> dict[str, Any]:
         bf16=setup["precision"] != "fp32", optim=HF_OPTIM[setup["optimizer"]], gradient_checkpointing=ckpt,
         gradient_checkpointing_kwargs={"use_reentrant": False} if ckpt else None,
         use_liger_kernel=bool(setup.get("liger")), disable_tqdm=True, seed=0,
-    )
+    ) | parallel_args(setup)
+
+
+def make_args(setup: dict[str, Any], out: str) -> Any:
+    """TrainingArguments (SFTConfig for TRL). Made before the model: under ZeRO-3 their existence
+    is what makes from_config partition at construction."""
+    if setup["trainer"] == "trl":
+        from trl import SFTConfig
+
+        return SFTConfig(max_length=setup["seq_len"], activation_offloading=bool(setup.get("activation_offload")),
+                         **_common_args(setup, out))
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**_common_args(setup, out))
 
 
 def _offload_checkpoints(model: Any, setup: dict[str, Any]) -> None:
@@ -111,25 +127,23 @@ def _offload_checkpoints(model: Any, setup: dict[str, Any]) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=True)
 
 
-def make_trainer(setup: dict[str, Any], model: Any, out: str, callback: Any) -> Any:
+def make_trainer(setup: dict[str, Any], model: Any, args: Any, callback: Any) -> Any:
     vocab = setup["hf_config"]["vocab_size"]
     b, s, accum, steps = setup["batch_size"], setup["seq_len"], setup.get("grad_accum", 1), setup.get("steps", 3)
-    rows = _random_rows(b * accum * steps, s, vocab)
+    rows = _random_rows(b * accum * steps * int(setup.get("gpus", 1)), s, vocab)
     method = setup["method"]
     quantised = setup["dtype"] in ("int8", "nf4", "fp4")
     if setup["trainer"] == "trl":
         from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTTrainer
 
-        args = SFTConfig(max_length=s, activation_offloading=bool(setup.get("activation_offload")),
-                         **_common_args(setup, out))
         ds = Dataset.from_dict({"input_ids": rows})
         peft_cfg = lora_config(setup) if method in ("lora", "qlora") else None
         tr = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=_tokenizer(vocab),
                         peft_config=peft_cfg, callbacks=[callback])
     else:
         import peft
-        from transformers import Trainer, TrainingArguments, default_data_collator
+        from transformers import Trainer, default_data_collator
 
         if quantised and setup.get("kbit_prepare", True):
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup["grad_checkpointing"],
@@ -137,7 +151,6 @@ def make_trainer(setup: dict[str, Any], model: Any, out: str, callback: Any) -> 
         if method in ("lora", "qlora"):
             model = peft.get_peft_model(model, lora_config(setup))
         ds = [{"input_ids": r, "labels": r} for r in rows]
-        args = TrainingArguments(**_common_args(setup, out))
         tr = Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator, callbacks=[callback])
     if setup.get("checkpoint_offload"):
         _offload_checkpoints(tr.model, setup)
@@ -167,7 +180,8 @@ def _callback(base: int, steps_out: list[dict[str, Any]], trace_last: int | None
             torch.cuda.synchronize()
             st = self.cur
             st.update(alloc_end=rel(torch.cuda.memory_allocated()), peak=rel(torch.cuda.max_memory_allocated()),
-                      reserved_peak=torch.cuda.max_memory_reserved(), step_s=round(time.time() - st.pop("t"), 4))
+                      reserved_peak=torch.cuda.max_memory_reserved(), step_s=round(time.time() - st.pop("t"), 4),
+                      host_rss=host_rss())
             steps_out.append(st)
 
     return Peaks()
@@ -176,19 +190,23 @@ def _callback(base: int, steps_out: list[dict[str, Any]], trace_last: int | None
 def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
     import torch
 
-    dev = torch.device("cuda", 0)
+    dev = torch.device("cuda", local_rank())
+    torch.cuda.set_device(dev)
     torch.cuda.init()
     torch.manual_seed(0)
     torch.empty(1, device=dev)  # CUDA context
     base = torch.cuda.memory_allocated()
     free0, total = torch.cuda.mem_get_info()
+    rss0 = host_rss()
     steps = int(setup.get("steps", 3))
     rec_steps: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        model = build_trainer_model(setup, dev, os.path.join(tmp, "ckpt"))
+        init_process_group(setup)
+        args = make_args(setup, os.path.join(tmp, "out"))
+        model = build_trainer_model(setup, None if builds_under_zero3(setup) else dev, os.path.join(tmp, "ckpt"))
         alloc_after_load = torch.cuda.memory_allocated() - base
-        tr = make_trainer(setup, model, os.path.join(tmp, "out"), _callback(base, rec_steps, steps - 1 if trace else None))
+        tr = make_trainer(setup, model, args, _callback(base, rec_steps, steps - 1 if trace else None))
         load_s = time.time() - t0
         if trace:
             torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
@@ -211,18 +229,30 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
             "device_used_end": total - free1, "device_used_start": total - free0,
             "managed_bytes": _managed_bytes(tr.optimizer),
             "host_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "host_rss_start": rss0, "host_rss_peak": max(x["host_rss"] for x in rec_steps),
             "gpu_total": total, "load_s": round(load_s, 2),
             "optimizer_class": type(tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer).__name__,
+            "engine": engine(setup), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "rank": int(os.environ.get("RANK", "0")),
         }
-        if snap is not None:
+        if snap is not None:  # this rank's device first: summarise_trace reads device_traces[0]
+            snap["device_traces"] = [snap["device_traces"][dev.index]]
             rec["trace"] = summarise_trace(snap)
     return rec
 
 
 def main() -> None:
+    import importlib.metadata as md
+
     setup = json.loads(sys.argv[1])
     trace = bool(setup.pop("trace", False))
-    print(json.dumps(recorded_case(setup, lambda: run_case(setup, trace=trace))), flush=True)
+    rec = recorded_case(setup, lambda: run_case(setup, trace=trace))
+    rec.setdefault("engine", engine(setup))
+    rec.setdefault("world_size", int(os.environ.get("WORLD_SIZE", "1")))
+    rec.setdefault("rank", int(os.environ.get("RANK", "0")))
+    if rec["engine"] == "deepspeed":
+        rec.setdefault("versions", {})["deepspeed"] = md.version("deepspeed")
+    print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":
