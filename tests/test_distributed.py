@@ -96,3 +96,49 @@ def test_fp32_precision_counts_parameters_not_bytes():
     pure = estimate_distributed(spec, make_setup(spec, method="full"), make_parallel(gpus=1, zero=3, offload="params"))
     fp32 = estimate_distributed(spec, make_setup(spec, method="full", precision="fp32"), make_parallel(gpus=1, zero=3, offload="params"))
     assert pure.cpu_bytes_per_node > 0 and fp32.cpu_parts["optimizer_states"] == pure.cpu_parts["optimizer_states"]
+
+
+def _dist(model, method="full", **par):
+    spec = resolve_model(model)
+    setup = make_setup(spec, method=method, trainer="hf", batch_size=2, seq_len=1024, grad_checkpointing=True)
+    return estimate_distributed(spec, setup, make_parallel(**par))
+
+
+def test_ddp_buckets_hold_a_second_copy_of_every_trainable_gradient():
+    d = _dist("llama-3.2-1b", gpus=2)
+    assert d.gpu_parts["comm_buckets"] == d.single.terms["grads"]
+    assert all(d.gpu_phases[p] >= d.single.phases[p] for p in ("forward", "backward"))
+
+
+def test_zero3_keeps_its_16bit_gradient_partition_on_the_gpu_unless_the_optimizer_is_offloaded():
+    on = _dist("llama-3.2-3b", gpus=2, zero=3)
+    off = _dist("llama-3.2-3b", gpus=2, zero=3, offload="optimizer")
+    psi = on.single.params_trainable
+    assert on.gpu_parts["gradient_partitions"] == 2 * psi // 2
+    assert "gradient_partitions" not in off.gpu_parts
+
+
+def test_shard_grad_op_holds_every_unit_unsharded_in_backward_on_top_of_the_shards():
+    full = _dist("llama-3.2-1b", gpus=2, fsdp="full_shard")
+    sgo = _dist("llama-3.2-1b", gpus=2, fsdp="shard_grad_op")
+    psi = full.single.params_trainable
+    assert sgo.gpu_parts["weights"] == full.gpu_parts["weights"] == 4 * psi // 2
+    assert sgo.gpu_parts["gathered_params"] == 2 * psi
+    assert sgo.per_gpu_peak_allocated_bytes > full.per_gpu_peak_allocated_bytes
+
+
+def test_fsdp_untied_trainable_lm_head_adds_its_unsharded_gradient_and_a_tied_one_does_not():
+    untied = _dist("llama-3.1-8b", gpus=2, fsdp="full_shard")
+    tied = _dist("llama-3.2-1b", gpus=2, fsdp="full_shard")
+    lora = _dist("llama-3.1-8b", "lora", gpus=2, fsdp="full_shard")
+    spec = resolve_model("llama-3.1-8b").arch
+    assert untied.gpu_parts["unit_gradient"] == 2 * spec.vocab * spec.hidden
+    assert "unit_gradient" not in tied.gpu_parts and "unit_gradient" not in lora.gpu_parts
+
+
+def test_deepspeed_opens_more_nccl_communicators_than_torch():
+    ddp = _dist("llama-3.2-1b", gpus=2).per_gpu_outside_allocator
+    z2 = _dist("llama-3.2-1b", gpus=2, zero=2).per_gpu_outside_allocator
+    z3 = _dist("llama-3.2-1b", gpus=2, zero=3).per_gpu_outside_allocator
+    key = "nccl (communicator, kernels, channel buffers)"
+    assert ddp[key] < z3[key] < z2[key]

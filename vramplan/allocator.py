@@ -183,29 +183,31 @@ def peak_reserved_bytes(*, peak_allocated_bytes: int, pools: StepPools, expandab
 # in data/gpu_specs.yaml (`cuda_context`); this is the default for a card without a figure.
 DEFAULT_CUDA_CONTEXT_BYTES = 767 * MiB
 
-# NCCL (docs.nvidia.com/deeplearning/nccl, user guide "Environment Variables"): NCCL_BUFFSIZE,
-# default 4 MiB, is the Simple-protocol buffer of one connection; LL128 and LL add their own
-# (NCCL src/include/device.h: LL128 ~4.5 MiB, LL 256 KiB a connection at defaults). Buffers are
-# allocated by NCCL through cuMem, outside PyTorch's allocator, per channel and per connected peer.
-NCCL_BUFFSIZE_BYTES = 4 * MiB
-NCCL_CONNECTION_BYTES = NCCL_BUFFSIZE_BYTES + (9 * MiB) // 2 + MiB // 4  # Simple + LL128 + LL
-# NCCL_MAX_NCHANNELS: NCCL opens up to 32 channels between NVLink-connected Hopper GPUs
-# (NCCL_MAX_NCHANNELS default 32 in the NCCL docs); each channel connects to its ring neighbour
-# and its tree parent/child: 2 receiving connections a channel.
-NCCL_CHANNELS = 32
-NCCL_PEERS_PER_CHANNEL = 2
 # NCCL's own kernels, communicator and proxy state once the process group exists, even on one
 # rank: device used minus peak reserved minus the 767 MiB context in the world-size-1 runs of
 # data/measurements/h100_2026-11-24_dist.jsonl (l3b-fsdp-full-ckpt-b4s2048: 1331 - 767 = 564 MiB;
 # the DeepSpeed ones 566-646 MiB, which load DeepSpeed's extensions too).
 NCCL_INIT_BYTES = 646 * MiB
+# Once ranks talk, NCCL allocates each communicator's channel buffers (NCCL_BUFFSIZE per protocol
+# and connection, through cuMem, outside PyTorch's allocator; NCCL user guide, "Environment
+# Variables"). A ring gives every rank one send and one receive connection per channel whatever
+# the world size, so this is taken per communicator, not per peer. Measured as device used minus
+# peak reserved minus context minus NCCL_INIT_BYTES on 2 x H100 SXM over NVLink, world size 2
+# (data/measurements/h100x2_2026-11-25_dist.jsonl, every rank of every run):
+# - torch's one process group (DDP, FSDP2): 1615-1621 MiB outside the allocator -> 204 MiB;
+# - DeepSpeed ZeRO-3, whose partitioned-parameter coordinator adds its own group: 1817-1859 -> 404;
+# - DeepSpeed ZeRO-1/2 (reduce-scatter and all-gather groups beside the data-parallel one):
+#   2107-2147 -> 694 MiB.
+# Not measured: other interconnects (PCIe rings open fewer channels) and more than one node.
+NCCL_COMMUNICATOR_BYTES = {"torch": 204 * MiB, "zero3": 404 * MiB, "zero12": 694 * MiB}
 
 
-def nccl_bytes(*, world_size: int) -> int:
-    """Per-rank NCCL memory outside the PyTorch allocator once a process group is in use."""
+def nccl_bytes(*, world_size: int, engine: str = "torch") -> int:
+    """Per-rank NCCL memory outside the PyTorch allocator once a process group is in use:
+    `engine` is "torch" (DDP, FSDP), "zero12" or "zero3" (DeepSpeed's extra groups)."""
     if world_size <= 1:
         return NCCL_INIT_BYTES
-    return NCCL_INIT_BYTES + NCCL_CHANNELS * NCCL_PEERS_PER_CHANNEL * NCCL_CONNECTION_BYTES
+    return NCCL_INIT_BYTES + NCCL_COMMUNICATOR_BYTES[engine]
 
 
 def device_total_bytes(*, peak_reserved_bytes: int, outside_allocator: dict[str, int],

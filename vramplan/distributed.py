@@ -35,9 +35,6 @@ from vramplan.setup import Setup
 
 FSDP_MODES = ("full_shard", "shard_grad_op", "no_shard")
 OFFLOADS = ("none", "optimizer", "params")
-# torch DistributedDataParallel: bucket_cap_mb=25, two buckets in flight.
-DDP_BUCKET_BYTES = 2 * 25 * 2**20
-
 
 # What each engine does with the setup's precision (shown in the JSON beside the setup).
 ENGINE_PRECISION = {
@@ -148,6 +145,119 @@ def _unit_bytes(spec: ModelSpec, tied_trainable: bool) -> int:
     return 2 * max(per_layer, spec.arch.vocab * spec.arch.hidden)
 
 
+@dataclass(frozen=True)
+class _Micro:
+    """What the sharded phases take from the single-GPU micro-batch estimate."""
+
+    psi: int  # trainable parameters
+    frozen: int  # bytes of the frozen base, as stored
+    t: dict[str, int]  # the single estimate's terms
+    states: int  # optimizer states per trainable parameter
+    foreach: bool  # the optimizer step keeps a whole-group transient
+
+
+Phases = dict[str, dict[str, int]]
+
+
+def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tuple[Phases, dict[str, int]]:
+    """FSDP: fp32 sharded parameters (accelerate upcasts trainable bf16 parameters to fp32 before
+    fully_shard: accelerate/utils/fsdp_utils.py fsdp2_prepare_model), sharded fp32 gradients and
+    optimizer states. full_shard (reshard_after_forward=True) holds one bf16 unit gathered at a
+    time; shard_grad_op (FSDP2 reshard_after_forward=False) keeps every unit's bf16 all-gathered
+    copy from its forward until its backward is done, on top of the sharded storage (measured:
+    data/measurements/h100x2_2026-11-25_dist.jsonl, d2-fsdpgo-*: the step starts at the sharded
+    figure of full_shard, and backward adds the whole model in bf16).
+    A trainable untied lm_head's unsharded bf16 gradient exists at the loss backward, where the
+    peak is, until it is reduce-scattered into the fp32 shard (torch/distributed/fsdp/_fully_shard/
+    _fsdp_param_group.py post_backward; measured: d2-fsdp-l8b-full, +0.98 GiB = 128256 x 4096 x 2
+    bytes). A tied one gets its gradient only at the embedding, the last unit of backward."""
+    t, n, psi = m.t, par.world, m.psi
+    shard = n if par.fsdp != "no_shard" else 1
+    w = (4 * psi + m.frozen) // shard
+    opt = 4 * m.states * psi // shard
+    grads = 4 * psi // shard
+    tr = 4 * psi // shard if m.foreach else 0
+    gathered = 0
+    if par.fsdp == "full_shard":
+        gathered = _unit_bytes(spec, setup.method in ("full", "galore") and spec.arch.tied)  # the unit being computed
+    elif par.fsdp == "shard_grad_op":
+        gathered = 2 * psi + m.frozen  # every unit unsharded in bf16 between its forward and backward
+    cpu: dict[str, int] = {}
+    if par.offload == "params":
+        cpu.update(weights=w * par.gpus_per_node, optimizer_states=opt * par.gpus_per_node,
+                   gradients=grads * par.gpus_per_node, step_transient=tr * par.gpus_per_node)
+        w = opt = grads = tr = 0
+    stale = grads  # last step's sharded grads, freed when the next forward starts
+    hold, live = t["hold"], t["layer_live"]
+    head_grad = 2 * layout(spec).lm_head_params if setup.method in ("full", "galore") and par.fsdp != "no_shard" else 0
+    gpu = {"forward": {"weights": w, "optimizer_states": opt, "activations": max(stale, gathered + t["acts_fwd_peak"])},
+           "backward": {"weights": w, "optimizer_states": opt, "gathered_params": gathered, "unit_gradient": head_grad,
+                        "activations": max(t["acts_bwd_loss"], grads + live + hold)},
+           "optimizer_step": {"weights": w, "optimizer_states": opt, "gradients": grads, "transients": tr,
+                              "logits_and_loss": hold}}
+    return gpu, cpu
+
+
+def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mixed: bool) -> tuple[Phases, dict[str, int]]:
+    """DeepSpeed ZeRO 1/2/3 and plain DDP.
+
+    DDP: torch's Reducer allocates one flat bucket per ~25 MB of gradients, and together the
+    buckets hold every trainable gradient (torch/csrc/distributed/c10d/reducer.cpp,
+    initialize_buckets: bucket.gradients = at::empty(total numel)); with Trainer's default
+    gradient_as_bucket_view=False they are a second copy beside param.grad, alive from the first
+    backward on (measured: d2-ddp-*-full, the step starts a whole gradient copy above one GPU).
+    ZeRO-3 without optimizer offload keeps a flat buffer of this rank's gradient partitions in the
+    16-bit dtype on the GPU for the whole run (deepspeed/runtime/zero/stage3.py,
+    grad_partitions_flat_buffer; measured: d2-z3-l3b-full starts 3.08 GiB above its master, states
+    and bf16 partition = 2 bytes x params / N)."""
+    t, n, psi = m.t, par.world, m.psi
+    stage = par.zero
+    master = (4 + 4 * m.states) if par.engine == "deepspeed" else 2 * m.states
+    ms = zero_model_states(trainable_params=psi, frozen_bytes=m.frozen, world=n, stage=stage, offload=par.offload,
+                           optimizer_state_bytes=master)
+    w, opt, g16 = ms["weights"], ms["optimizer_states"], ms["gradients"]
+    part = n if stage >= 1 else 1
+    fp32_grads = 4 * psi // part if par.engine == "deepspeed" else 0
+    tr = (4 if par.engine == "deepspeed" else 2) * psi // part if m.foreach else 0
+    if ddp_mixed:  # every rank holds the single-GPU mixed-precision states
+        w, opt, g16, tr = t["weights"] + t["adapters"], t["opt_states"], t["grads"], t["opt_transient"]
+    buckets = (g16 if par.engine == "ddp" and n > 1 else 0) or (4 * spec.arch.hidden ** 2 if stage else 0)
+    grad_partitions = g16 if stage == 3 and par.offload == "none" else 0
+    gathered = 0
+    if stage == 3:
+        # the gathered unit, its 16-bit gradient before reduce-scatter, and the prefetch bucket
+        gathered = 2 * _unit_bytes(spec, False) + int(0.9 * spec.arch.hidden ** 2) * 2
+    if par.offload != "none" and stage in (1, 2):
+        # with offload the contiguous gradient bucket is sized to hold the largest parameter's
+        # gradient (measured: +0.74 GiB = the 3B model's tied embedding, in bf16)
+        buckets = 2 * max(spec.arch.hidden ** 2, layout(spec).largest_tensor)
+    cpu: dict[str, int] = {}
+    if par.offload in ("optimizer", "params"):
+        host = (master + 4) * psi // part  # fp32 master + states + fp32 gradient partition
+        cpu.update(optimizer_states=host * par.gpus_per_node,
+                   step_transient=(4 * psi // part if m.foreach else 0) * par.gpus_per_node)
+        fp32_grads = tr = 0
+    if par.offload == "params":
+        cpu["weights"] = (2 * psi + m.frozen) // n * par.gpus_per_node
+    hold, live = t["hold"], t["layer_live"]
+    fixed = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gradient_partitions": grad_partitions}
+    late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
+    gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"]},
+           "backward": {**fixed, "gathered_params": gathered, "activations": max(t["acts_bwd_loss"], late_grads + live + hold)},
+           # ZeRO-1/2 release their reduce buckets when backward ends (stage_1_and_2.py
+           # _release_ipg_buffers); DDP's and ZeRO-3's (allocated at init, stage3.py) stay
+           "optimizer_step": {**fixed, "comm_buckets": 0 if stage in (1, 2) else buckets,
+                              "gradients": fp32_grads if par.engine == "deepspeed" else g16,
+                              "transients": tr, "logits_and_loss": hold}}
+    return gpu, cpu
+
+
+def _nccl_engine(par: Parallel) -> str:
+    if par.engine != "deepspeed":
+        return "torch"
+    return "zero3" if par.zero == 3 else "zero12"
+
+
 def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> DistributedEstimate:
     """Per-GPU and host memory of `setup` (per-GPU micro-batch) under `par`."""
     # ZeRO/FSDP run the model in bf16 without autocast (ENGINE_PRECISION): pure-bf16 activations.
@@ -156,66 +266,10 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     compute = replace(setup, precision="pure") if setup.precision == "mixed" and not ddp_mixed else setup
     single = replace(estimate_setup(spec, compute), setup=setup)
     t = single.terms
-    n = par.world
-    psi = single.params_trainable
-    frozen = t["weights"] if setup.method not in ("full", "galore") else 0  # the frozen base, as stored
     spec_opt = OPTIMIZERS[setup.optimizer]
-    foreach = spec_opt.foreach
-    hold = t["hold"]
-    acts_fwd, acts_bwd, live = t["acts_fwd_peak"], t["acts_bwd_loss"], t["layer_live"]
-    gpu: dict[str, dict[str, int]] = {}
-    cpu: dict[str, int] = {}
-    gathered = 0
-    if par.engine == "fsdp":
-        shard = n if par.fsdp != "no_shard" else 1
-        w = (4 * psi + frozen) // (n if par.fsdp == "full_shard" else 1)
-        opt = 4 * spec_opt.states * psi // shard
-        grads = 4 * psi // shard
-        tr = 4 * psi // shard if foreach else 0
-        if par.fsdp != "no_shard":
-            gathered = _unit_bytes(spec, setup.method in ("full", "galore") and spec.arch.tied)  # the unit being computed
-        if par.offload == "params":
-            cpu.update(weights=w * par.gpus_per_node, optimizer_states=opt * par.gpus_per_node,
-                       gradients=grads * par.gpus_per_node, step_transient=tr * par.gpus_per_node)
-            w = opt = grads = tr = 0
-        stale = grads  # last step's sharded grads, freed when the next forward starts
-        gpu["forward"] = {"weights": w, "optimizer_states": opt, "activations": max(stale, gathered + acts_fwd)}
-        gpu["backward"] = {"weights": w, "optimizer_states": opt, "gathered_params": gathered,
-                           "activations": max(acts_bwd, grads + live + hold)}
-        gpu["optimizer_step"] = {"weights": w, "optimizer_states": opt, "gradients": grads, "transients": tr,
-                                 "logits_and_loss": hold}
-    else:
-        stage = par.zero
-        master = (4 + 4 * spec_opt.states) if par.engine == "deepspeed" else 2 * spec_opt.states
-        ms = zero_model_states(trainable_params=psi, frozen_bytes=frozen, world=n, stage=stage, offload=par.offload,
-                               optimizer_state_bytes=master)
-        w, opt, g16 = ms["weights"], ms["optimizer_states"], ms["gradients"]
-        part = n if stage >= 1 else 1
-        fp32_grads = 4 * psi // part if par.engine == "deepspeed" else 0
-        tr = (4 if par.engine == "deepspeed" else 2) * psi // part if foreach else 0
-        if ddp_mixed:  # every rank holds the single-GPU mixed-precision states
-            w, opt, g16, tr = t["weights"] + t["adapters"], t["opt_states"], t["grads"], t["opt_transient"]
-        buckets = DDP_BUCKET_BYTES if par.engine == "ddp" and n > 1 else (4 * spec.arch.hidden ** 2 if stage else 0)
-        if stage == 3:
-            # the gathered unit, its 16-bit gradient before reduce-scatter, and the prefetch bucket
-            gathered = 2 * _unit_bytes(spec, False) + int(0.9 * spec.arch.hidden ** 2) * 2
-        if par.offload != "none" and stage in (1, 2):
-            # with offload the contiguous gradient bucket is sized to hold the largest parameter's
-            # gradient (measured: +0.74 GiB = the 3B model's tied embedding, in bf16)
-            buckets = 2 * max(spec.arch.hidden ** 2, layout(spec).largest_tensor)
-        if par.offload in ("optimizer", "params"):
-            host = (master + 4) * psi // part  # fp32 master + states + fp32 gradient partition
-            cpu.update(optimizer_states=host * par.gpus_per_node,
-                       step_transient=(4 * psi // part if foreach else 0) * par.gpus_per_node)
-            fp32_grads = tr = 0
-        if par.offload == "params":
-            cpu["weights"] = (2 * psi + frozen) // n * par.gpus_per_node
-        gpu["forward"] = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gathered_params": gathered,
-                          "activations": acts_fwd}
-        gpu["backward"] = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gathered_params": gathered,
-                           "activations": max(acts_bwd, g16 + live + hold)}
-        gpu["optimizer_step"] = {"weights": w, "optimizer_states": opt, "gradients": fp32_grads if par.engine == "deepspeed" else g16,
-                                 "transients": tr, "logits_and_loss": hold}
+    m = _Micro(psi=single.params_trainable, frozen=t["weights"] if setup.method not in ("full", "galore") else 0,
+               t=t, states=spec_opt.states, foreach=spec_opt.foreach)
+    gpu, cpu = _fsdp_phases(spec, setup, par, m) if par.engine == "fsdp" else _zero_phases(spec, setup, par, m, ddp_mixed)
     for parts in gpu.values():
         parts["cublas_workspace"] = t["workspace"]
     phases = {k: sum(v.values()) for k, v in gpu.items()}
@@ -223,7 +277,8 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     peak = phases[peak_phase]
     # the micro-batch's allocator slack (vramplan.allocator: same logits/activation sizes per GPU)
     reserved = peak + single.peak_reserved_bytes - single.peak_allocated_bytes
-    outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl_bytes(world_size=n)}
+    nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
+    outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())
     parts = {k: v for k, v in gpu[peak_phase].items() if v}
     return DistributedEstimate(single, par, phases, parts, peak, reserved, total, {k: v for k, v in cpu.items() if v},

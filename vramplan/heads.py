@@ -57,6 +57,12 @@ def hf_loss_head(arch: ArchConfig, setup: Setup, *, tokens: int, residual_bytes:
     saved = _final_norm_saved(arch, setup, tokens=T, residual_bytes=residual_bytes, base=base, liger=False)
     if base:
         saved += (2 if autocast else norm_out_bytes) * H * T  # lm_head input (trainable lm_head)
+    if autocast and not base and setup.quantised and setup.kbit_prepare:
+        # prepare_model_for_kbit_training upcasts the frozen lm_head (bitsandbytes leaves it
+        # unquantised) to fp32; under Trainer's autocast F.linear runs on a bf16 copy of it and
+        # saves that copy for its input gradient (traced: t3-phi4mini-hf-qlora-ckpt-b4s1024,
+        # 1172.25 MiB alive at the peak = 200064 x 3072 x 2 B, allocated in linear.py forward)
+        saved += 2 * V * H
     logits = logits_bytes * V * T
     # loss_utils.ForCausalLMLoss: logits.float(), then cross_entropy = log_softmax (saves its fp32
     # output) + nll_loss.

@@ -64,7 +64,14 @@ def record_options(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_distributed(rec: dict[str, Any]) -> bool:
-    return bool(rec["setup"].get("zero") or rec["setup"].get("fsdp"))
+    """Sharded, offloaded or spread over several GPUs (DDP too)."""
+    return bool(rec["setup"].get("zero") or rec["setup"].get("fsdp")) or int(rec.get("world_size", 1)) > 1
+
+
+def record_name(rec: dict[str, Any]) -> str:
+    """A record's name, with its rank when one launch wrote a record per GPU."""
+    name = rec["setup"]["name"]
+    return f"{name}@r{rec.get('rank', 0)}" if int(rec.get("world_size", 1)) > 1 else name
 
 
 def record_estimate(rec: dict[str, Any]) -> Estimate:
@@ -118,7 +125,7 @@ def compare(records: list[dict[str, Any]]) -> list[Comparison]:
             continue
         est, phase = record_peak(r)
         method = r["setup"]["method"] + (f" ({r['engine']})" if is_distributed(r) else "")
-        out.append(Comparison(r["setup"]["name"], method, r["peak_allocated"], est, _measured_phase(r), phase))
+        out.append(Comparison(record_name(r), method, r["peak_allocated"], est, _measured_phase(r), phase))
     return out
 
 
