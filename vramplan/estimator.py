@@ -4,19 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from vramplan.activations import attention_kernel, checkpoint_bytes, head_activations, layer_activations, micro_batch_tokens, stream_dtypes
+from vramplan.activations import (
+    Dtypes,
+    LayerActs,
+    checkpoint_bytes,
+    first_layer_needs_input_grad,
+    head_activations,
+    layer_activations,
+    micro_batch_tokens,
+    stream_dtypes,
+)
 from vramplan.allocator import DEFAULT_CUDA_CONTEXT_BYTES, peak_reserved_bytes, same_shape_state_copies, step_pools
-from vramplan.arch import ModelSpec
+from vramplan.arch import ArchConfig, ModelSpec
 from vramplan.catalog import resolve_model
 from vramplan.errors import VramplanError
-from vramplan.layout import layout
-from vramplan.methods import trainable
-from vramplan.optimizers import optimizer_bytes
+from vramplan.heads import HeadActs
+from vramplan.layout import Layout, layout
+from vramplan.methods import Trainable, trainable
+from vramplan.optimizers import OptimizerBytes, optimizer_bytes
 from vramplan.setup import Setup, make_setup
 from vramplan.units import MiB
-from vramplan.weights import DTYPE_BYTES, base_weight_bytes
+from vramplan.weights import DTYPE_BYTES, WeightBytes, base_weight_bytes
 
 # cuBLAS workspaces come from PyTorch's caching allocator, one per (handle, stream): one for the
 # forward thread and one for the autograd engine's thread, 32 MiB each on Hopper
@@ -71,123 +81,224 @@ class Estimate:
 
 
 def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_CONTEXT_BYTES) -> Estimate:
-    """The analytic model proper: pure arithmetic on a resolved model and setup."""
-    arch = spec.arch
+    """The analytic model proper: pure arithmetic on a resolved model and setup. Model states and
+    activations, then what is alive at each moment of the step (Moment), then the phases' peaks."""
     lay = layout(spec)
     dt = stream_dtypes(setup)
-    dense_b = 4 if setup.precision in ("fp32", "mixed") else DTYPE_BYTES.get(setup.dtype, 2)
+    st = model_states(spec, lay, setup)
+    acts = activation_terms(spec.arch, lay, setup, dt)
+    emb_grad = tied_embedding_grad_bytes(spec.arch, st.trainable)
+    fwd, bwd_candidates, step = step_moments(st, acts, emb_grad=emb_grad)
+    bwd = backward_peak(bwd_candidates)
+    steady = st.steady
+    phases = {"load": st.weights, "forward": steady + fwd.total, "backward": steady + bwd.total,
+              "optimizer_step": steady + step.total}
+    peak_phase = max(PHASES, key=lambda p: phases[p])
+    peak = phases[peak_phase]
+    parts = breakdown(st, {"forward": fwd, "backward": bwd, "optimizer_step": step}.get(peak_phase))
+    assert sum(parts.values()) == peak, (parts, peak)
+    reserved = reserved_bytes(spec.arch, lay, setup, st, acts, peak=peak, emb_grad=emb_grad)
+    outside = outside_allocator(st, acts, context_bytes=context_bytes)
+    at_loss = bwd_candidates[0]
+    return Estimate(
+        model=spec.name, params_total=spec.params_total, params_trainable=st.trainable.params, setup=setup,
+        breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
+        peak_reserved_bytes=reserved,
+        device_total_bytes=reserved + sum(v for k, v in outside.items() if k != HOST_ACTIVATIONS),
+        outside_allocator=outside,
+        terms={"weights": st.base.total, "adapters": st.adapters, "grads": st.grads, "opt_states": st.opt.in_allocator,
+               "opt_transient": st.opt.step_transient, "workspace": CUBLAS_WORKSPACE_BYTES,
+               "acts_fwd_peak": fwd.total - fwd.carried, "acts_bwd_loss": at_loss.total - at_loss.carried,
+               "layer_live": acts.layer.saved + acts.layer.transient + acts.ckpt_input,
+               "hold": acts.hold, "retained": acts.retained, "emb_grad": emb_grad, "accum": st.accum},
+    )
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Weights, trainable parameters, their gradients and optimizer states (bytes)."""
+
+    base: WeightBytes  # the base model's weights
+    adapters: int  # trainable adapter weights beside a frozen base
+    trainable: Trainable
+    opt: OptimizerBytes
+    dense_bytes: int  # bytes per parameter of the dense (non-quantised) weights
+    accum: int  # gradients kept across micro-batches (gradient accumulation)
+
+    @property
+    def weights(self) -> int:
+        return self.base.total + self.adapters
+
+    @property
+    def grads(self) -> int:
+        return self.trainable.bytes
+
+    @property
+    def steady(self) -> int:
+        """Alive through the whole step: weights, optimizer states, cuBLAS workspaces."""
+        return self.weights + self.opt.in_allocator + CUBLAS_WORKSPACE_BYTES
+
+
+def dense_bytes_per_param(setup: Setup) -> int:
+    """Bytes per dense weight: fp32 masters under mixed precision; on a quantised base, the
+    non-Linear weights in fp32 when kbit-prepared, else 16-bit."""
     if setup.quantised:
-        dense_b = 4 if setup.kbit_prepare else 2
+        return 4 if setup.kbit_prepare else 2
+    return 4 if setup.precision in ("fp32", "mixed") else DTYPE_BYTES.get(setup.dtype, 2)
+
+
+def model_states(spec: ModelSpec, lay: Layout, setup: Setup) -> ModelStates:
+    dense_b = dense_bytes_per_param(setup)
     w = base_weight_bytes(lay=lay, dtype=setup.dtype, dense_bytes_per_param=dense_b,
                           double_quant=setup.double_quant, quantised=setup.quantised)
-    tr = trainable(lay, arch, setup, dense_b)
-    adapters = 0 if tr.base_trainable else tr.bytes
-    weights = w.total + adapters
-    grads = tr.bytes
-    opt = optimizer_bytes(tr=tr, setup=setup)
-    kernel = attention_kernel(arch, setup, dt)
-    layer = layer_activations(arch, lay, setup, dt=dt, kernel=kernel)
+    tr = trainable(lay, spec.arch, setup, dense_b)
+    return ModelStates(base=w, adapters=0 if tr.base_trainable else tr.bytes, trainable=tr,
+                       opt=optimizer_bytes(tr=tr, setup=setup), dense_bytes=dense_b,
+                       accum=tr.bytes if setup.grad_accum > 1 else 0)
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    """The step's activations (bytes, whole micro-batch): layers, LM head, and their companions."""
+
+    layer: LayerActs  # one (non-first) decoder layer
+    head: HeadActs
+    hold: int  # the model output (logits) the loop holds through backward and step
+    ckpt_input: int  # per layer under checkpointing: its kept input; else 0
+    layers_saved: int  # all layers' saved tensors on the card
+    host: int  # saved tensors offloaded to host memory
+    autocast_cache: int  # autocast's 16-bit weight casts, saved for backward
+    retained: int  # graph-held (int8), alive through the step
+
+    @property
+    def total(self) -> int:
+        """Everything saved at the end of forward."""
+        return self.layers_saved + self.head.saved + self.autocast_cache + self.retained
+
+
+def activation_terms(arch: ArchConfig, lay: Layout, setup: Setup, dt: Dtypes) -> ActivationTerms:
+    layer = layer_activations(arch, lay, setup)
     head = head_activations(arch, setup, dt)
-    hold = head.logits if setup.hold_outputs else 0
-    ws = CUBLAS_WORKSPACE_BYTES
     # under checkpointing each layer keeps only its input, and the one being recomputed its own
-    ckpt_input = checkpoint_bytes(arch, setup, dt) if setup.grad_checkpointing else 0
-    if setup.trainer == "trl" and setup.grad_checkpointing and setup.method not in ("full", "galore"):
+    ckpt_input = checkpoint_input_bytes(arch, setup, dt)
+    if setup.grad_checkpointing:
+        layers_saved = ckpt_input * lay.layers
+    else:
+        first = layer.saved if first_layer_needs_input_grad(setup) else layer.saved - layer.input_grad_only
+        layers_saved = layer.saved * (lay.layers - 1) + first
+    host = 0
+    if setup.activation_offload:
+        # TRL activation_offloading (trl/models/activation_offloading.py OffloadActivations): every
+        # saved tensor of >= 1 KiB goes to pinned host memory as forward runs and comes back layer
+        # by layer in backward on a side stream that prefetches the next layer's tensors while the
+        # current layer's backward runs: two layers' tensors are on the card at a time.
+        host = layers_saved
+        layers_saved = 2 * (ckpt_input if setup.grad_checkpointing else layer.saved)
+    return ActivationTerms(layer=layer, head=head, hold=head.logits if setup.hold_outputs else 0, ckpt_input=ckpt_input,
+                           layers_saved=layers_saved, host=host, autocast_cache=autocast_weight_cache_bytes(arch, lay, dt),
+                           retained=layer.retained * lay.layers)
+
+
+def checkpoint_input_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:
+    """What checkpointing keeps per layer (0 without it)."""
+    if not setup.grad_checkpointing:
+        return 0
+    kept = checkpoint_bytes(arch, setup, dt)
+    if setup.trainer == "trl" and setup.method not in ("full", "galore"):
         # SFTTrainer with a peft adapter and checkpointing holds a second 16-bit copy of every
         # layer's input (it calls model.enable_input_require_grads() on top of Trainer's own
         # checkpointing, trl/trainer/sft_trainer.py). Measured, not yet traced to its allocation
         # site: one extra batch x seq x hidden per layer on all 13 TRL adapter + checkpointing
         # records (tr-*-trl-lora/qlora/dora, h2-*-trl-*; 0.82-1.0 copies), none on full
         # fine-tunes or on Trainer runs.
-        ckpt_input *= 2
-    host_acts = 0
-    if setup.grad_checkpointing:
-        layers_saved = ckpt_input * lay.layers
-    else:
-        layer0 = layer_activations(arch, lay, setup, dt=dt, kernel=kernel, first_layer=True)
-        layers_saved = layer.saved * (lay.layers - 1) + layer0.saved
-    if setup.activation_offload:
-        # TRL activation_offloading (trl/models/activation_offloading.py OffloadActivations): every
-        # saved tensor of >= 1 KiB goes to pinned host memory as forward runs and comes back layer
-        # by layer in backward on a side stream that prefetches the next layer's tensors while the
-        # current layer's backward runs: two layers' tensors are on the card at a time.
-        host_acts = layers_saved
-        layers_saved = 2 * (ckpt_input if setup.grad_checkpointing else layer.saved)
-    # Mixed precision: autocast casts each weight to 16-bit once per forward and the casts are
-    # saved for backward (torch autocast weight cache) — 2 bytes per base parameter in Linears.
-    autocast_cache = 2 * lay.layers * sum(lm.numel for lm in lay.linears) + 2 * lay.lm_head_params if dt.autocast else 0
-    if dt.autocast and arch.tied:
-        autocast_cache += 2 * lay.embed_params
-    retained = layer.retained * lay.layers  # graph-held (int8), alive through the step
-    acts = layers_saved + head.saved + autocast_cache + retained
-    accum = grads if setup.grad_accum > 1 else 0  # grads persist across micro-batches
-    steady = weights + opt.in_allocator + ws
-    fwd_peak = acts + head.logits + head.fwd_transient
-    # backward: at the loss (all activations + log-softmax buffers), or later, once gradients
-    # have accumulated while one layer's activations (recomputed under checkpointing) are alive
-    bwd_loss = acts + hold + head.bwd_transient
-    layer_live = layer.saved + layer.transient
-    # Tied embeddings: the lm_head's gradient becomes .grad first; the embedding's dense gradient
-    # then arrives and is accumulated out of place, so two more V x H buffers exist at that moment
-    # (measured: every tied full fine-tune peaks there when the step does not).
-    emb_grad = 2 * arch.vocab * arch.hidden * tr.bytes_per_param if (tr.base_trainable and arch.tied) else 0
-    bwd_late = grads + hold + retained + ckpt_input + layer_live
-    bwd_end = grads + hold + retained + emb_grad
-    bwd_peak = max(bwd_loss, bwd_late, bwd_end)
-    step_peak = grads + hold + retained + opt.step_transient
-    phases = {
-        "load": weights,
-        "forward": steady + accum + fwd_peak,
-        "backward": steady + (accum if bwd_peak == bwd_loss else 0) + bwd_peak,
-        "optimizer_step": steady + step_peak,
-    }
-    peak_phase = max(PHASES, key=lambda p: phases[p])
-    peak = phases[peak_phase]
-    parts: dict[str, int] = {
-        "weights": w.total, "adapters": adapters, "optimizer_states": opt.in_allocator, "cublas_workspace": ws,
-        "gradients": 0, "activations": 0, "logits_and_loss": 0, "transients": 0,
-    }
-    if peak_phase == "forward":
-        parts.update(gradients=accum, activations=acts - head.saved,
-                     logits_and_loss=head.saved + head.logits, transients=head.fwd_transient)
-    elif peak_phase == "backward":
-        if bwd_peak == bwd_loss:
-            parts.update(gradients=accum, activations=acts - head.saved,
-                         logits_and_loss=head.saved + hold, transients=head.bwd_transient)
-        elif bwd_peak == bwd_late:
-            parts.update(gradients=grads, activations=bwd_late - grads - hold - layer.transient,
-                         logits_and_loss=hold, transients=layer.transient)
-        else:
-            parts.update(gradients=grads, activations=retained, logits_and_loss=hold, transients=emb_grad)
-    elif peak_phase == "optimizer_step":
-        parts.update(gradients=grads, activations=retained, logits_and_loss=hold, transients=opt.step_transient)
-    else:
-        parts = {"weights": w.total, "adapters": adapters}
-    assert sum(parts.values()) == peak, (parts, peak)
-    reserved = peak_reserved_bytes(peak_allocated_bytes=peak, pools=step_pools(
-        lay=lay, weight_bytes_per_param=dense_b, linear_bytes_per_param=0.5 if setup.quantised else None,
+        kept *= 2
+    return kept
+
+
+def autocast_weight_cache_bytes(arch: ArchConfig, lay: Layout, dt: Dtypes) -> int:
+    """Mixed precision: autocast casts each weight to 16-bit once per forward and the casts are
+    saved for backward (torch autocast weight cache) — 2 bytes per base parameter in Linears."""
+    if not dt.autocast:
+        return 0
+    cache = 2 * lay.layers * sum(lm.numel for lm in lay.linears) + 2 * lay.lm_head_params
+    return cache + (2 * lay.embed_params if arch.tied else 0)
+
+
+def tied_embedding_grad_bytes(arch: ArchConfig, tr: Trainable) -> int:
+    """Tied embeddings: the lm_head's gradient becomes .grad first; the embedding's dense gradient
+    then arrives and is accumulated out of place, so two more V x H buffers exist at that moment
+    (measured: every tied full fine-tune peaks there when the step does not)."""
+    return 2 * arch.vocab * arch.hidden * tr.bytes_per_param if (tr.base_trainable and arch.tied) else 0
+
+
+class Moment(NamedTuple):
+    """What is alive at one moment of the step beyond the steady model states, by component
+    (immutable; a NamedTuple: five are built per estimate, benchmarks/speed.py)."""
+
+    gradients: int
+    activations: int
+    logits_and_loss: int
+    transients: int
+    carried: int = 0  # gradients carried over from earlier micro-batches (before this step's own exist)
+
+    @property
+    def total(self) -> int:
+        return self.gradients + self.activations + self.logits_and_loss + self.transients + self.carried
+
+
+def step_moments(st: ModelStates, a: ActivationTerms, *,
+                 emb_grad: int) -> tuple[Moment, tuple[Moment, Moment, Moment], Moment]:
+    """(forward at the loss, backward candidates, optimizer step). Backward peaks at the loss (all
+    activations + log-softmax buffers), or later, once gradients have accumulated while one layer's
+    activations (recomputed under checkpointing) are alive, or at its end (tied embeddings)."""
+    head, layer, grads = a.head, a.layer, st.grads
+    layers = a.total - head.saved
+    forward = Moment(0, layers, head.saved + head.logits, head.fwd_transient, carried=st.accum)
+    at_loss = Moment(0, layers, head.saved + a.hold, head.bwd_transient, carried=st.accum)
+    late = Moment(grads, a.retained + a.ckpt_input + layer.saved, a.hold, layer.transient)
+    end = Moment(grads, a.retained, a.hold, emb_grad)
+    step = Moment(grads, a.retained, a.hold, st.opt.step_transient)
+    return forward, (at_loss, late, end), step
+
+
+def backward_peak(candidates: tuple[Moment, ...]) -> Moment:
+    """The backward moment with the most bytes, ranked without carried gradients (as the committed
+    baseline was fixed, data/accuracy_baseline.json); the first of equals."""
+    return max(candidates, key=lambda m: m.total - m.carried)
+
+
+def breakdown(st: ModelStates, at: Moment | None) -> dict[str, int]:
+    """Components at the peak moment (None: the load phase); they sum to the peak."""
+    if at is None:
+        return {"weights": st.base.total, "adapters": st.adapters}
+    return {"weights": st.base.total, "adapters": st.adapters, "optimizer_states": st.opt.in_allocator,
+            "cublas_workspace": CUBLAS_WORKSPACE_BYTES, "gradients": at.gradients + at.carried,
+            "activations": at.activations, "logits_and_loss": at.logits_and_loss, "transients": at.transients}
+
+
+def reserved_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates, a: ActivationTerms, *, peak: int,
+                   emb_grad: int) -> int:
+    """Peak reserved: the peak allocated plus the caching allocator's rounding and stranding
+    (vramplan.allocator), from the step's tensors grouped by lifetime and size class."""
+    tr, head, opt = st.trainable, a.head, st.opt
+    return peak_reserved_bytes(peak_allocated_bytes=peak, pools=step_pools(
+        lay=lay, weight_bytes_per_param=st.dense_bytes, linear_bytes_per_param=0.5 if setup.quantised else None,
         trainable_copies=(1 + same_shape_state_copies(optimizer=setup.optimizer)) if tr.base_trainable else 0,
-        trainable_bytes_per_param=tr.bytes_per_param, persistent_bytes=steady + accum + retained,
-        vocab_peak_bytes=head.saved + max(head.logits + head.fwd_transient, hold + head.bwd_transient),
-        activation_peak_bytes=acts - head.saved - retained + (layer.saved if setup.grad_checkpointing else 0),
-        param_shaped_peak_bytes=grads + max(opt.step_transient, emb_grad),
+        trainable_bytes_per_param=tr.bytes_per_param, persistent_bytes=st.steady + st.accum + a.retained,
+        vocab_peak_bytes=head.saved + max(head.logits + head.fwd_transient, a.hold + head.bwd_transient),
+        activation_peak_bytes=a.total - head.saved - a.retained + (a.layer.saved if setup.grad_checkpointing else 0),
+        param_shaped_peak_bytes=st.grads + max(opt.step_transient, emb_grad),
         split_vocab_bytes=0 if setup.grad_checkpointing else 4 * arch.vocab * micro_batch_tokens(setup)))
+
+
+def outside_allocator(st: ModelStates, a: ActivationTerms, *, context_bytes: int) -> dict[str, int]:
+    """Memory the PyTorch allocator does not count, by where it lives."""
     outside = {"cuda_context": context_bytes}
-    if host_acts:
-        outside[HOST_ACTIVATIONS] = host_acts
-    if opt.managed:
-        outside["paged_optimizer_states (CUDA managed memory)"] = opt.managed
-    return Estimate(
-        model=spec.name, params_total=spec.params_total, params_trainable=tr.params, setup=setup,
-        breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
-        peak_reserved_bytes=reserved,
-        device_total_bytes=reserved + sum(v for k, v in outside.items() if k != HOST_ACTIVATIONS),
-        outside_allocator=outside,
-        terms={"weights": w.total, "adapters": adapters, "grads": grads, "opt_states": opt.in_allocator,
-               "opt_transient": opt.step_transient, "workspace": ws, "acts_fwd_peak": fwd_peak, "acts_bwd_loss": bwd_loss,
-               "layer_live": layer_live + ckpt_input,
-               "hold": hold, "retained": retained, "emb_grad": emb_grad, "accum": accum},
-    )
+    if a.host:
+        outside[HOST_ACTIVATIONS] = a.host
+    if st.opt.managed:
+        outside["paged_optimizer_states (CUDA managed memory)"] = st.opt.managed
+    return outside
 
 
 def estimate(model: str | Path | ModelSpec, method: str | None = None, *, trust_remote_code: bool = False,

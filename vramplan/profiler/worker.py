@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 # Marker allocations (distinct sizes) let the trace replay find phase boundaries.
@@ -63,8 +64,32 @@ def _managed_bytes(opt: Any) -> int:
 def run_case(setup: dict[str, Any], *, steps: int = 3, trace: bool = False) -> dict[str, Any]:
     import torch
 
-    from vramplan.profiler.build import apply_method, build_model, compute_dtype, make_optimizer
+    dev, base, free0, total = _start_cuda(torch, trace=trace)
+    run = _load(setup, dev, base)
+    rec_steps, tokens_time = _train(torch, run, setup, dev=dev, base=base, steps=steps, trace=trace)
+    free1, _ = torch.cuda.mem_get_info()
+    b, s = setup["batch_size"], setup["seq_len"]
+    rec: dict[str, Any] = {
+        "status": "ok",
+        "n_params_total": run.n_total, "n_trainable": run.n_train, "trainable_dtypes": run.trainable_dtypes,
+        "alloc_after_load": run.alloc_after_load, "alloc_after_wrap": run.alloc_after_wrap,
+        "steps": rec_steps,
+        "peak_allocated": max(x["peak"] for x in rec_steps),
+        "peak_reserved": torch.cuda.max_memory_reserved(),
+        "device_used_end": total - free1, "device_used_start": total - free0,
+        "managed_bytes": _managed_bytes(run.opt),
+        "gpu_total": total, "load_s": run.load_s,
+        "tokens_per_s": round(b * s * (steps - 1) / tokens_time, 1) if steps > 1 and tokens_time else None,
+    }
+    if trace:
+        rec["trace"] = summarise_trace(torch.cuda.memory._snapshot())
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return rec
 
+
+def _start_cuda(torch: Any, *, trace: bool) -> tuple[Any, int, int, int]:
+    """(device, allocated bytes of the bare context, free and total device bytes); every figure of
+    the record is relative to that allocation."""
     dev = torch.device("cuda")
     torch.cuda.init()
     torch.manual_seed(0)
@@ -73,6 +98,28 @@ def run_case(setup: dict[str, Any], *, steps: int = 3, trace: bool = False) -> d
     free0, total = torch.cuda.mem_get_info()
     if trace:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    return dev, base, free0, total
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """The model with its method applied, its optimizer, and what loading them took."""
+
+    model: Any
+    opt: Any
+    alloc_after_load: int
+    alloc_after_wrap: int
+    load_s: float
+    n_total: int
+    n_train: int
+    trainable_dtypes: list[str]
+
+
+def _load(setup: dict[str, Any], dev: Any, base: int) -> _Loaded:
+    import torch
+
+    from vramplan.profiler.build import apply_method, build_model, make_optimizer
+
     t0 = time.time()
     model = build_model(setup, dev)
     alloc_after_load = torch.cuda.memory_allocated() - base
@@ -81,71 +128,67 @@ def run_case(setup: dict[str, Any], *, steps: int = 3, trace: bool = False) -> d
     alloc_after_wrap = torch.cuda.memory_allocated() - base
     opt = make_optimizer(model, setup)
     load_s = time.time() - t0
-    n_total = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
+    return _Loaded(model=model, opt=opt, alloc_after_load=alloc_after_load, alloc_after_wrap=alloc_after_wrap,
+                   load_s=round(load_s, 2), n_total=sum(p.numel() for p in model.parameters()),
+                   n_train=sum(p.numel() for p in trainable), trainable_dtypes=sorted({str(p.dtype) for p in trainable}))
+
+
+def _train(torch: Any, run: _Loaded, setup: dict[str, Any], *, dev: Any, base: int, steps: int,
+           trace: bool) -> tuple[list[dict[str, Any]], float]:
+    """`steps` training steps on random token ids: each step's record, and the seconds of all but
+    the first (warm-up) step."""
+    from vramplan.profiler.build import compute_dtype
+
     b, s = setup["batch_size"], setup["seq_len"]
     vocab = setup["hf_config"]["vocab_size"]
-    amp = setup["precision"] == "mixed"
-    hold = setup.get("hold_outputs", True)
-    cdt = compute_dtype(setup)
     rec_steps = []
     tokens_time = 0.0
     for i in range(steps):
-        ids = torch.randint(0, vocab, (b, s), device=dev)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        last = trace and i == steps - 1
-        _mark(torch, "start", last)
-        st: dict[str, Any] = {"alloc_start": torch.cuda.memory_allocated() - base}
-        ts = time.time()
-        with torch.autocast("cuda", dtype=cdt, enabled=amp):
-            out = model(input_ids=ids, labels=ids)
-        loss = out.loss
-        if not hold:  # a loop that keeps only the loss frees the logits here
-            del out
-        torch.cuda.synchronize()
-        st["alloc_after_fwd"] = torch.cuda.memory_allocated() - base
-        st["peak_fwd"] = torch.cuda.max_memory_allocated() - base
-        _mark(torch, "after_fwd", last)
-        loss.backward()
-        torch.cuda.synchronize()
-        st["alloc_after_bwd"] = torch.cuda.memory_allocated() - base
-        st["peak_bwd"] = torch.cuda.max_memory_allocated() - base
-        _mark(torch, "after_bwd", last)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if hold:  # the loop holds the model output (logits) until the step is done
-            del out
-        torch.cuda.synchronize()
-        st["alloc_end"] = torch.cuda.memory_allocated() - base
-        st["peak"] = torch.cuda.max_memory_allocated() - base
-        st["reserved_peak"] = torch.cuda.max_memory_reserved()
-        st["step_s"] = round(time.time() - ts, 4)
-        st["loss"] = float(loss.item())
-        _mark(torch, "end", last)
+        ids = torch.randint(0, vocab, (b, s), device=dev)  # the previous step's ids are freed after
+        st = _step(torch, run, ids, base=base, amp=setup["precision"] == "mixed", cdt=compute_dtype(setup),
+                   hold=setup.get("hold_outputs", True), mark=trace and i == steps - 1)
         if i > 0:
             tokens_time += st["step_s"]
         rec_steps.append(st)
-        del loss
-    free1, _ = torch.cuda.mem_get_info()
-    rec: dict[str, Any] = {
-        "status": "ok",
-        "n_params_total": n_total, "n_trainable": n_train,
-        "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
-        "alloc_after_load": alloc_after_load, "alloc_after_wrap": alloc_after_wrap,
-        "steps": rec_steps,
-        "peak_allocated": max(x["peak"] for x in rec_steps),
-        "peak_reserved": torch.cuda.max_memory_reserved(),
-        "device_used_end": total - free1, "device_used_start": total - free0,
-        "managed_bytes": _managed_bytes(opt),
-        "gpu_total": total, "load_s": round(load_s, 2),
-        "tokens_per_s": round(b * s * (steps - 1) / tokens_time, 1) if steps > 1 and tokens_time else None,
-    }
-    if trace:
-        rec["trace"] = summarise_trace(torch.cuda.memory._snapshot())
-        torch.cuda.memory._record_memory_history(enabled=None)
-    return rec
+    return rec_steps, tokens_time
+
+
+def _step(torch: Any, run: _Loaded, ids: Any, *, base: int, amp: bool, cdt: Any, hold: bool,
+          mark: bool) -> dict[str, Any]:
+    """One step: allocated memory at its start and after forward, backward and the step, and the
+    peaks up to each (the peak counter is reset at the start)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    _mark(torch, "start", mark)
+    st: dict[str, Any] = {"alloc_start": torch.cuda.memory_allocated() - base}
+    ts = time.time()
+    with torch.autocast("cuda", dtype=cdt, enabled=amp):
+        out = run.model(input_ids=ids, labels=ids)
+    loss = out.loss
+    if not hold:  # a loop that keeps only the loss frees the logits here
+        del out
+    torch.cuda.synchronize()
+    st["alloc_after_fwd"] = torch.cuda.memory_allocated() - base
+    st["peak_fwd"] = torch.cuda.max_memory_allocated() - base
+    _mark(torch, "after_fwd", mark)
+    loss.backward()
+    torch.cuda.synchronize()
+    st["alloc_after_bwd"] = torch.cuda.memory_allocated() - base
+    st["peak_bwd"] = torch.cuda.max_memory_allocated() - base
+    _mark(torch, "after_bwd", mark)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    if hold:  # the loop holds the model output (logits) until the step is done
+        del out
+    torch.cuda.synchronize()
+    st["alloc_end"] = torch.cuda.memory_allocated() - base
+    st["peak"] = torch.cuda.max_memory_allocated() - base
+    st["reserved_peak"] = torch.cuda.max_memory_reserved()
+    st["step_s"] = round(time.time() - ts, 4)
+    st["loss"] = float(loss.item())
+    _mark(torch, "end", mark)
+    return st
 
 
 def _where(frames: list[dict[str, Any]]) -> str:

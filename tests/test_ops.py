@@ -1,0 +1,215 @@
+"""Activations as saved tensors per operation (vramplan.ops): a layer's figures are the sums of
+its operations' named tensors, each operation keeps what its source says, and the estimator's
+phases are built from moments of the step."""
+
+from __future__ import annotations
+
+import pytest
+
+from vramplan.activations import layer_activations, layer_figures, layer_sizes, layer_tensors, stream_dtypes
+from vramplan.catalog import resolve_model
+from vramplan.estimator import Moment, activation_terms, backward_peak, estimate_setup
+from vramplan.layout import layout
+from vramplan.ops import (
+    BACKWARD,
+    FIXED,
+    FORWARD,
+    LAYER_OPS,
+    PER,
+    RETAINED,
+    SAVED,
+    SAVED_FOR_INPUT_GRAD,
+    SCORES,
+    SPAN,
+    TOKENS,
+    dims_of,
+)
+from vramplan.setup import make_setup
+
+GRID = [
+    ("llama-3.2-1b", {"method": "lora"}),
+    ("llama-3.2-1b", {"method": "lora", "trainer": "hf", "use_dora": True}),
+    ("llama-3.2-1b", {"method": "qlora", "attn": "eager"}),
+    ("llama-3.2-1b", {"method": "full", "precision": "mixed"}),
+    ("gpt2", {"method": "full", "attn": "eager"}),
+    ("gpt2", {"method": "lora", "lora_dropout": 0.0, "dtype": "fp32", "precision": "fp32"}),
+    ("mixtral-8x7b", {"method": "full"}),
+    ("qwen1.5-moe-a2.7b", {"method": "lora"}),
+    ("qwen3-0.6b", {"method": "lora", "dtype": "int8"}),
+    ("gemma-2-2b", {"method": "full"}),
+    ("qwen2.5-0.5b", {"method": "prefix"}),
+    ("qwen2.5-0.5b", {"method": "prompt"}),
+    ("qwen2.5-0.5b", {"method": "ia3"}),
+]
+
+
+def _setup(model: str, **opts):
+    spec = resolve_model(model)
+    opts = {"trainer": "plain", "batch_size": 2, "seq_len": 1024, **opts}
+    return spec, layout(spec), make_setup(spec, **opts)
+
+
+def _ops(model: str, **opts) -> dict[str, tuple]:
+    spec, lay, s = _setup(model, **opts)
+    return dict(layer_tensors(spec.arch, lay, s))
+
+
+@pytest.mark.parametrize(("model", "opts"), GRID, ids=lambda x: str(x))
+def test_layer_figures_are_the_sums_of_its_operations_tensors(model, opts):
+    spec, lay, s = _setup(model, **opts)
+    ops = layer_tensors(spec.arch, lay, s)
+    assert [name for name, _ in ops] == [name for name, _ in LAYER_OPS]
+    layer, d = layer_activations(spec.arch, lay, s), dims_of(s)
+    tensors = [t for _, ts in ops for t in ts]
+    assert layer.saved == sum(t.nbytes(d) for t in tensors if t.lifetime in (SAVED, SAVED_FOR_INPUT_GRAD))
+    assert layer.retained == sum(t.nbytes(d) for t in tensors if t.lifetime == RETAINED)
+    # transients of different operations are not alive together: the worst one operation's count
+    assert layer.transient == max(sum(t.nbytes(d) for t in ts if t.lifetime in (FORWARD, BACKWARD)) for _, ts in ops)
+    assert layer == layer_figures(layer_sizes(ops), d)
+
+
+@pytest.mark.parametrize(("model", "opts"), GRID, ids=lambda x: str(x))
+def test_operations_never_see_the_batch_size_or_sequence_length(model, opts):
+    """Their tensors are sizes per token / row / score element: one listing serves every
+    micro-batch shape (layer_activations computes it once per setup without those two)."""
+    shapes = [_ops(model, **{**opts, "batch_size": b, "seq_len": n}) for b, n in ((1, 256), (3, 1000))]
+    assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize(("model", "opts"), GRID, ids=lambda x: str(x))
+def test_every_tensor_has_a_name_a_dtype_a_lifetime_and_bytes(model, opts):
+    for _, tensors in _ops(model, **opts).items():
+        for t in tensors:
+            assert t.name and t.coef > 0 and t.per in PER, t
+            assert t.dtype in ("fp32", "bf16", "fp16", "bool"), t
+            assert t.lifetime in (SAVED, SAVED_FOR_INPUT_GRAD, RETAINED, FORWARD, BACKWARD), t
+
+
+# Figures of the per-layer model before it was split into operations (one 145-line
+# layer_activations, up to commit 21cad2e): (saved, transient, retained, first layer's saved), bytes.
+PINNED = [
+    ("llama-3.2-1b", {"method": "lora"}, (365166592, 100663296, 0, 348389376)),
+    ("llama-3.2-1b", {"trainer": "hf", "method": "lora", "use_dora": True}, (595853312, 201326592, 0, 579076096)),
+    ("gpt2", {"method": "full", "dtype": "fp32", "precision": "fp32", "attn": "eager", "batch_size": 4, "seq_len": 512},
+     (292552704, 150994944, 0, 292552704)),
+    ("mixtral-8x7b", {"method": "full", "batch_size": 1, "seq_len": 2048}, (713424896, 352321536, 0, 713424896)),
+    ("qwen3-0.6b", {"method": "lora", "dtype": "int8", "seq_len": 512}, (169869312, 100663296, 29360128, 165675008)),
+    ("gemma-2-2b", {"method": "full", "precision": "mixed", "batch_size": 1}, (187203584, 56623104, 0, 187203584)),
+    ("qwen2.5-0.5b", {"method": "prefix", "batch_size": 3, "seq_len": 1000}, (137061000, 87552000, 0, 126309000)),
+    ("llama-3.2-1b", {"method": "qlora", "batch_size": 1, "seq_len": 4096}, (3137339392, 6442450944, 0, 3103784960)),
+]
+
+
+@pytest.mark.parametrize(("model", "opts", "figures"), PINNED, ids=lambda x: str(x))
+def test_per_operation_layer_keeps_the_figures_of_the_single_function_model(model, opts, figures):
+    spec, lay, s = _setup(model, **opts)
+    layer = layer_activations(spec.arch, lay, s)
+    first = layer_activations(spec.arch, lay, s, first_layer=True)
+    assert (layer.saved, layer.transient, layer.retained, first.saved) == figures
+
+
+def test_frozen_first_layer_drops_only_the_input_norms_input_copy():
+    spec, lay, s = _setup("llama-3.2-1b", method="lora")
+    layer, first = layer_activations(spec.arch, lay, s), layer_activations(spec.arch, lay, s, first_layer=True)
+    (norm_input,) = dict(layer_tensors(spec.arch, lay, s))["input_norm"]
+    assert norm_input.lifetime == SAVED_FOR_INPUT_GRAD and (norm_input.dtype, norm_input.per) == ("fp32", TOKENS)
+    assert layer.saved - first.saved == norm_input.nbytes(dims_of(s)) == 4 * spec.arch.hidden * s.tokens
+    # full fine-tuning trains the embeddings and prompt tuning its virtual tokens: the first layer's
+    # input needs its gradient there
+    for opts in ({"method": "full"}, {"method": "prompt"}):
+        spec, lay, s = _setup("llama-3.2-1b", **opts)
+        assert layer_activations(spec.arch, lay, s, first_layer=True) == layer_activations(spec.arch, lay, s)
+
+
+def test_checkpointing_keeps_only_each_layers_input():
+    spec, lay, s = _setup("llama-3.2-1b", method="lora", grad_checkpointing=True)
+    a = activation_terms(spec.arch, lay, s, stream_dtypes(s))
+    assert a.ckpt_input == 2 * spec.arch.hidden * s.tokens  # one bf16 hidden state per token
+    assert a.layers_saved == lay.layers * a.ckpt_input
+    # ... while the layer being recomputed holds its own tensors in backward
+    e = estimate_setup(spec, s)
+    assert e.terms["layer_live"] == a.ckpt_input + a.layer.saved + a.layer.transient
+
+
+def test_trl_adapter_checkpointing_keeps_a_second_copy_of_each_input():
+    spec, lay, s = _setup("llama-3.2-1b", method="lora", trainer="trl", grad_checkpointing=True)
+    assert activation_terms(spec.arch, lay, s, stream_dtypes(s)).ckpt_input == 2 * 2 * spec.arch.hidden * s.tokens
+
+
+def test_sdpa_flash_saves_output_and_logsumexp_not_the_score_matrix():
+    names = {t.name for t in _ops("llama-3.2-1b", method="full")["attention"]}
+    assert {"attn_output", "logsumexp", "query_states.rotated", "key_states+value_states"} <= names
+    assert "attn_weights" not in names
+
+
+def test_eager_attention_saves_fp32_scores_and_16bit_probabilities_of_seq_squared():
+    spec, lay, s = _setup("llama-3.2-1b", method="full", attn="eager")
+    att = {t.name: t for t in dict(layer_tensors(spec.arch, lay, s))["attention"]}
+    scores = s.batch_size * spec.arch.heads * s.seq_len ** 2
+    d = dims_of(s)
+    assert att["attn_scores.softmax_fp32"].nbytes(d) == 4 * scores
+    assert (att["attn_weights"].nbytes(d), att["attn_weights"].dtype, att["attn_weights"].per) == (2 * scores, "bf16", SCORES)
+
+
+def test_math_kernel_backward_holds_three_fp32_score_buffers():
+    spec, lay, s = _setup("llama-3.2-1b", method="qlora")  # fp32 streams with GQA: SDPA's math kernel
+    att = dict(layer_tensors(spec.arch, lay, s))["attention"]
+    scores = s.batch_size * spec.arch.heads * s.seq_len ** 2
+    assert [t.nbytes(dims_of(s)) for t in att if t.lifetime == BACKWARD] == [4 * scores] * 3
+
+
+def test_lora_dropout_saves_a_bool_mask_per_targeted_module():
+    spec, lay, s = _setup("llama-3.2-1b", method="lora")
+    tensors = [t for _, ts in layer_tensors(spec.arch, lay, s) for t in ts]
+    masks = {t.name: t for t in tensors if t.name.endswith("lora_dropout.mask")}
+    assert set(masks) == {f"{m}.lora_dropout.mask" for m in s.lora_targets}
+    for lm in lay.linears:
+        assert masks[f"{lm.module}.lora_dropout.mask"].nbytes(dims_of(s)) == lm.d_in * s.tokens
+        assert masks[f"{lm.module}.lora_dropout.mask"].dtype == "bool"
+    spec, lay, s = _setup("llama-3.2-1b", method="lora", lora_dropout=0.0)
+    assert not any("dropout" in t.name for _, ts in layer_tensors(spec.arch, lay, s) for t in ts)
+
+
+def test_int8_linear_inputs_are_retained_by_the_graph_not_saved():
+    spec, lay, s = _setup("qwen3-0.6b", method="lora", dtype="int8")
+    kept = dict(layer_tensors(spec.arch, lay, s))["int8_inputs"]
+    assert {t.lifetime for t in kept} == {RETAINED}
+    assert layer_activations(spec.arch, lay, s).retained == sum(t.nbytes(dims_of(s)) for t in kept)
+
+
+def test_dora_saves_a_weight_shaped_cast_per_targeted_module():
+    spec, lay, s = _setup("llama-3.2-1b", method="lora", trainer="hf", use_dora=True)
+    casts = {t.name: t for t in dict(layer_tensors(spec.arch, lay, s))["dora"] if t.name.endswith("weight_cast")}
+    assert {c.per for c in casts.values()} == {FIXED}  # per layer, whatever the micro-batch
+    assert {n: c.nbytes(dims_of(s)) for n, c in casts.items()} == {f"{lm.module}.dora.weight_cast": 2 * lm.numel
+                                                                  for lm in lay.linears}
+
+
+def test_prefix_keys_and_values_span_the_virtual_tokens():
+    spec, lay, s = _setup("qwen2.5-0.5b", method="prefix", batch_size=3, seq_len=1000)
+    (kv,) = [t for t in dict(layer_tensors(spec.arch, lay, s))["attention"] if t.per == SPAN]
+    d = dims_of(s)
+    assert (d.seq, d.span) == (1000, 1000 + s.prefix_tokens)
+    # per query token, rounded down as the model always has (pinned by the figures above)
+    assert kv.nbytes(d) == d.tokens * (kv.coef * d.span // d.seq)
+
+
+def test_moe_router_saves_fp32_logits_and_softmax_per_expert():
+    spec, lay, s = _setup("mixtral-8x7b", method="full")
+    mlp = {t.name: t for t in dict(layer_tensors(spec.arch, lay, s))["mlp"]}
+    for name in ("router.logits", "router.softmax"):
+        assert (mlp[name].nbytes(dims_of(s)), mlp[name].dtype) == (4 * spec.arch.n_experts * s.tokens, "fp32")
+
+
+def test_backward_peak_is_the_first_largest_moment_ranked_without_carried_gradients():
+    at_loss = Moment(0, 100, 10, 5, carried=50)
+    late = Moment(40, 60, 10, 6)
+    assert backward_peak((at_loss, late)) is late  # 116 > 115: carried gradients are not ranked
+    assert backward_peak((Moment(0, 1, 0, 0), Moment(1, 0, 0, 0))).activations == 1  # ties: the first
+
+
+def test_breakdown_is_the_peak_moment_over_the_steady_states():
+    e = estimate_setup(*_setup("llama-3.2-1b", method="full", grad_accum=4)[::2])
+    assert sum(e.breakdown.values()) == e.peak_allocated_bytes == e.phases[e.peak_phase]
+    steady = e.breakdown["weights"] + e.breakdown["adapters"] + e.breakdown["optimizer_states"] + e.breakdown["cublas_workspace"]
+    assert e.phases["optimizer_step"] == steady + e.terms["grads"] + e.terms["hold"] + e.terms["opt_transient"]

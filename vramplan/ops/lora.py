@@ -1,0 +1,64 @@
+"""The adapter branch of a LoRA/DoRA-targeted Linear (peft 0.21 tuners/lora/layer.py
+Linear.forward, tuners/lora/dora.py DoraLinearLayer.forward): what it saves of its input, DoRA's
+extra outputs and weight casts, and the transients of the cast and dropout."""
+
+from __future__ import annotations
+
+from vramplan.ops.tensors import FIXED, FORWARD, OpContext, Saved, sized, tok
+
+
+def adapter_input(c: OpContext, mod: str, d_in: int, in_bytes: int) -> tuple[tuple[Saved, ...], bool]:
+    """What the adapter of `mod` saves of its input, and whether lora_A saves the fp32 input
+    itself (one tensor shared by every target reading it; the caller counts it once).
+
+    peft casts x to the adapter dtype (fp32), then dropout saves a bool mask and an fp32 output for
+    lora_A. Under autocast lora_A (an fp32 Linear) saves its own 16-bit cast of the dropout output
+    and dropout keeps only its mask (traced: probe-l1b-lora-mixed)."""
+    if mod not in c.lora:
+        return (), False
+    drop = c.setup.lora_dropout > 0
+    mask = (tok(c, f"{mod}.lora_dropout.mask", 1, d_in),) if drop else ()
+    if c.dt.autocast or c.dt.lora_autocast:
+        return (*mask, tok(c, f"{mod}.lora_A.input_cast", 2, d_in)), False
+    if drop:
+        return (*mask, tok(c, f"{mod}.lora_dropout.output", 4, d_in)), False
+    if in_bytes != 4:
+        return (tok(c, f"{mod}.lora_A.input_fp32", 4, d_in),), False
+    return (), True
+
+
+def dora(c: OpContext) -> tuple[Saved, ...]:
+    """DoRA (with dropout in training): per targeted module `base_result = F.linear(x,
+    weight.to(x.dtype))` recomputes the base output and `(mag_norm_scale - 1) * base_result +
+    mag_norm_scale * lora_result * scaling` saves both outputs for the magnitude's gradient; F.linear
+    saves its weight operand for the input gradient: the base weight cast to the compute dtype, a
+    dense d_out x d_in copy per module (per layer, not per token). Forward transient of the largest
+    module: the fp32 weight copy, weight + scaling * lora_weight and the d_out x d_in lora_weight
+    built from an identity. Traced: tr-l1b-hf-dora-b2s1024 (dora.py:163, 5 x 32 MiB per layer)."""
+    if not (c.lora and c.setup.use_dora):
+        return ()
+    dt = c.dt
+    ob = 2 if (dt.autocast or dt.lora_autocast or dt.linear_out == 2) else 4
+    wb = 2 if (dt.autocast or dt.lora_autocast) else 4
+    mods = [lm for lm in c.linears if lm.module in c.setup.lora_targets]
+    out: list[Saved] = []
+    for lm in mods:
+        out += (tok(c, f"{lm.module}.dora.base_result", ob, lm.d_out), tok(c, f"{lm.module}.dora.lora_result", ob, lm.d_out),
+                sized(c, f"{lm.module}.dora.weight_cast", FIXED, wb, lm.numel))
+    if mods:
+        big = max(mods, key=lambda lm: lm.numel)
+        out += (sized(c, f"{big.module}.dora.{n}", FIXED, 4, big.numel, FORWARD)
+                for n in ("weight_fp32", "weight_plus_lora", "lora_weight"))
+    return tuple(out)
+
+
+def lora_input_cast(c: OpContext) -> tuple[Saved, ...]:
+    """Forward transient of the widest targeted input under autocast with dropout: peft's cast of
+    the input to the fp32 adapter dtype and dropout's new fp32 tensor exist while lora_A runs,
+    beside lora_A's 16-bit cast (traced: tr-l1b-trl-lora-b2s1024, _cast_input_dtype + dropout,
+    64 MiB each on down_proj)."""
+    if c.setup.method not in ("lora", "qlora") or c.setup.lora_dropout == 0 or not (c.dt.lora_autocast or c.dt.autocast):
+        return ()
+    widest = max((lm.d_in for lm in c.linears if lm.module in c.setup.lora_targets), default=0)
+    return (tok(c, "lora.input_fp32", 4, widest, FORWARD), tok(c, "lora_dropout.output", 4, widest, FORWARD),
+            tok(c, "lora_A.input_cast", 2, widest, FORWARD))
