@@ -61,6 +61,10 @@ def band(err: float) -> list[float]:
     return [round(err - tol, 4), round(min(err + tol, SIGN_SLACK), 4)]
 
 
+def keeps_sign(err: float, lo: float, hi: float) -> bool:
+    return lo >= -SIGN_SLACK if err >= 0 else hi <= SIGN_SLACK
+
+
 def current() -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for rec in load_records():
@@ -86,6 +90,8 @@ def merge(old: dict[str, Any], new: dict[str, dict[str, Any]], loosen: bool) -> 
             if err is None:
                 continue
             lo, hi = prev.get(f"{kind}_band", band(err))
+            if not keeps_sign(err, lo, hi):  # the error crossed zero inside its old band: a band of its own
+                lo, hi = band(err)
             if not lo <= err <= hi:
                 if not loosen:
                     refused.append(f"{key}: {kind} error {err:+.4f} outside its band [{lo:+.4f}, {hi:+.4f}]")

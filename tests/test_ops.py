@@ -25,6 +25,7 @@ from vramplan.ops import (
     dims_of,
 )
 from vramplan.setup import make_setup
+from vramplan.streams import attention_kernel
 
 GRID = [
     ("llama-3.2-1b", {"method": "lora"}),
@@ -131,9 +132,31 @@ def test_checkpointing_keeps_only_each_layers_input():
     assert e.terms["layer_live"] == a.ckpt_input + a.layer.saved + a.layer.transient
 
 
-def test_trl_adapter_checkpointing_keeps_a_second_copy_of_each_input():
-    spec, lay, s = _setup("llama-3.2-1b", method="lora", trainer="trl", grad_checkpointing=True)
-    assert activation_terms(spec.arch, lay, s, stream_dtypes(s)).ckpt_input == 2 * 2 * spec.arch.hidden * s.tokens
+def test_checkpointing_keeps_one_input_per_layer_whatever_the_trainer():
+    for trainer in ("hf", "trl"):
+        spec, lay, s = _setup("llama-3.2-1b", method="lora", trainer=trainer, grad_checkpointing=True)
+        assert activation_terms(spec.arch, lay, s, stream_dtypes(s)).ckpt_input == 2 * spec.arch.hidden * s.tokens
+
+
+def test_last_layer_backward_holds_every_kept_input_beside_the_recomputed_layer():
+    spec, lay, s = _setup("qwen2.5-1.5b", method="lora", trainer="trl", grad_checkpointing=True)
+    a = activation_terms(spec.arch, lay, s, stream_dtypes(s))
+    e = estimate_setup(spec, s)
+    assert e.terms["acts_bwd_top"] == a.layers_saved + a.layer.saved + a.layer.transient
+    assert a.layers_saved == lay.layers * a.ckpt_input
+
+
+def test_16bit_adapters_save_a_16bit_dropout_output_and_no_fp32_cast():
+    names = {t.name: t for t in _ops("llama-3.2-1b", method="qlora", trainer="trl", kbit_prepare=False)["qkv_proj"]}
+    assert names["q_proj.lora_dropout.output"].dtype == "bf16"
+    assert not [t for t in _ops("llama-3.2-1b", method="qlora", trainer="trl", kbit_prepare=False)["lora_input_cast"]]
+
+
+def test_trainer_autocast_runs_flash_on_a_kbit_prepared_fp32_base():
+    spec, _, s = _setup("llama-3.2-1b", method="qlora", trainer="hf", grad_checkpointing=True)
+    assert attention_kernel(spec.arch, s, stream_dtypes(s)).name == "flash"
+    spec, _, s = _setup("llama-3.2-1b", method="qlora", trainer="plain", grad_checkpointing=True)
+    assert attention_kernel(spec.arch, s, stream_dtypes(s)).name == "math"
 
 
 def test_sdpa_flash_saves_output_and_logsumexp_not_the_score_matrix():

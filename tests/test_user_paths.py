@@ -202,7 +202,9 @@ def test_flash_attention_is_labelled_or_refused():
     with pytest.raises(VramplanError, match="FlashAttention-2.*fp16/bf16 only"):
         vramplan.estimate("1b", "full", attn="flash", precision="fp32")
     with pytest.raises(VramplanError, match="FlashAttention-2"):
-        vramplan.estimate("1b", "qlora", attn="flash")  # kbit-prepared: fp32 attention inputs
+        vramplan.estimate("1b", "qlora", attn="flash", trainer="plain")  # kbit-prepared: fp32 attention inputs
+    # under Trainer's bf16 autocast the kbit-prepared base's q/k/v reach attention as bf16
+    assert vramplan.estimate("1b", "qlora", attn="flash", trainer="hf").setup.attn == "flash"
 
 
 # 11 ------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tup
     head_grad = 2 * layout(spec).lm_head_params if setup.method in ("full", "galore") and par.fsdp != "no_shard" else 0
     gpu = {"forward": {"weights": w, "optimizer_states": opt, "activations": max(stale, gathered + t["acts_fwd_peak"])},
            "backward": {"weights": w, "optimizer_states": opt, "gathered_params": gathered, "unit_gradient": head_grad,
-                        "activations": max(t["acts_bwd_loss"], grads + live + hold)},
+                        "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], grads + live + hold)},
            "optimizer_step": {"weights": w, "optimizer_states": opt, "gradients": grads, "transients": tr,
                               "logits_and_loss": hold}}
     return gpu, cpu
@@ -243,7 +243,7 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     fixed = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gradient_partitions": grad_partitions}
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
     gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"]},
-           "backward": {**fixed, "gathered_params": gathered, "activations": max(t["acts_bwd_loss"], late_grads + live + hold)},
+           "backward": {**fixed, "gathered_params": gathered, "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], late_grads + live + hold)},
            # ZeRO-1/2 release their reduce buckets when backward ends (stage_1_and_2.py
            # _release_ipg_buffers); DDP's and ZeRO-3's (allocated at init, stage3.py) stay
            "optimizer_step": {**fixed, "comm_buckets": 0 if stage in (1, 2) else buckets,

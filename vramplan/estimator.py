@@ -88,7 +88,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     st = model_states(spec, lay, setup)
     acts = activation_terms(spec.arch, lay, setup, dt)
     emb_grad = tied_embedding_grad_bytes(spec.arch, st.trainable)
-    fwd, bwd_candidates, step = step_moments(st, acts, emb_grad=emb_grad)
+    fwd, bwd_candidates, step = step_moments(st, acts, emb_grad=emb_grad, top_grads=top_layer_grad_bytes(lay, st.trainable))
     bwd = backward_peak(bwd_candidates)
     steady = st.steady
     phases = {"load": st.weights, "forward": steady + fwd.total, "backward": steady + bwd.total,
@@ -100,6 +100,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     reserved = reserved_bytes(spec.arch, lay, setup, st, acts, peak=peak, emb_grad=emb_grad)
     outside = outside_allocator(st, acts, context_bytes=context_bytes)
     at_loss = bwd_candidates[0]
+    top = bwd_candidates[3] if len(bwd_candidates) > 3 else None
     return Estimate(
         model=spec.name, params_total=spec.params_total, params_trainable=st.trainable.params, setup=setup,
         breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
@@ -110,6 +111,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
                "opt_transient": st.opt.step_transient, "workspace": CUBLAS_WORKSPACE_BYTES,
                "acts_fwd_peak": fwd.total - fwd.carried, "acts_bwd_loss": at_loss.total - at_loss.carried,
                "layer_live": acts.layer.saved + acts.layer.transient + acts.ckpt_input,
+               "acts_bwd_top": top.total - top.gradients - top.carried if top else 0,
                "hold": acts.hold, "retained": acts.retained, "emb_grad": emb_grad, "accum": st.accum},
     )
 
@@ -203,16 +205,7 @@ def checkpoint_input_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:
     """What checkpointing keeps per layer (0 without it)."""
     if not setup.grad_checkpointing:
         return 0
-    kept = checkpoint_bytes(arch, setup, dt)
-    if setup.trainer == "trl" and setup.method not in ("full", "galore"):
-        # SFTTrainer with a peft adapter and checkpointing holds a second 16-bit copy of every
-        # layer's input (it calls model.enable_input_require_grads() on top of Trainer's own
-        # checkpointing, trl/trainer/sft_trainer.py). Measured, not yet traced to its allocation
-        # site: one extra batch x seq x hidden per layer on all 13 TRL adapter + checkpointing
-        # records (tr-*-trl-lora/qlora/dora, h2-*-trl-*; 0.82-1.0 copies), none on full
-        # fine-tunes or on Trainer runs.
-        kept *= 2
-    return kept
+    return checkpoint_bytes(arch, setup, dt)
 
 
 def autocast_weight_cache_bytes(arch: ArchConfig, lay: Layout, dt: Dtypes) -> int:
@@ -246,11 +239,26 @@ class Moment(NamedTuple):
         return self.gradients + self.activations + self.logits_and_loss + self.transients + self.carried
 
 
-def step_moments(st: ModelStates, a: ActivationTerms, *,
-                 emb_grad: int) -> tuple[Moment, tuple[Moment, Moment, Moment], Moment]:
+def top_layer_grad_bytes(lay: Layout, tr: Trainable) -> int:
+    """Gradients that exist while the last decoder layer runs its backward: that layer's and the
+    head's (lm_head, final norm; a tied embedding's lm_head share) when the base trains, else one
+    layer's share of the adapters'."""
+    if not tr.base_trainable:
+        return tr.bytes // max(1, lay.layers)
+    per_layer = (lay.params_total - lay.embed_params - lay.lm_head_params - lay.final_norm_params) // max(1, lay.layers)
+    head = lay.lm_head_params or lay.embed_params
+    return tr.bytes_per_param * (per_layer + head + lay.final_norm_params)
+
+
+def step_moments(st: ModelStates, a: ActivationTerms, *, emb_grad: int,
+                 top_grads: int = 0) -> tuple[Moment, tuple[Moment, ...], Moment]:
     """(forward at the loss, backward candidates, optimizer step). Backward peaks at the loss (all
-    activations + log-softmax buffers), or later, once gradients have accumulated while one layer's
-    activations (recomputed under checkpointing) are alive, or at its end (tied embeddings)."""
+    activations + log-softmax buffers), or later while one layer's activations (recomputed under
+    checkpointing) are alive, or at its end (tied embeddings). Under checkpointing the layer moment
+    is taken at both ends of backward, since what is alive there is linear in the layer index: at
+    the last layer every layer's kept input is still on the card beside the recomputed layer
+    (traced: t3-q3-17b-trl-lora, t4-q15-trl-qlora, t4-mis7b-hf-qlora: N - 1 kept inputs plus the
+    embedding output at the peak), at the first all gradients exist but one kept input."""
     head, layer, grads = a.head, a.layer, st.grads
     layers = a.total - head.saved
     forward = Moment(0, layers, head.saved + head.logits, head.fwd_transient, carried=st.accum)
@@ -258,7 +266,10 @@ def step_moments(st: ModelStates, a: ActivationTerms, *,
     late = Moment(grads, a.retained + a.ckpt_input + layer.saved, a.hold, layer.transient)
     end = Moment(grads, a.retained, a.hold, emb_grad)
     step = Moment(grads, a.retained, a.hold, st.opt.step_transient)
-    return forward, (at_loss, late, end), step
+    if not a.ckpt_input:
+        return forward, (at_loss, late, end), step
+    top = Moment(top_grads, a.retained + a.layers_saved + layer.saved, a.hold, layer.transient, carried=st.accum)
+    return forward, (at_loss, late, end, top), step
 
 
 def backward_peak(candidates: tuple[Moment, ...]) -> Moment:
@@ -286,7 +297,7 @@ def reserved_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates,
         trainable_copies=(1 + same_shape_state_copies(optimizer=setup.optimizer)) if tr.base_trainable else 0,
         trainable_bytes_per_param=tr.bytes_per_param, persistent_bytes=st.steady + st.accum + a.retained,
         vocab_peak_bytes=head.saved + max(head.logits + head.fwd_transient, a.hold + head.bwd_transient),
-        activation_peak_bytes=a.total - head.saved - a.retained + (a.layer.saved if setup.grad_checkpointing else 0),
+        activation_peak_bytes=a.total - head.saved - a.retained + (a.layer.saved + a.layer.transient if setup.grad_checkpointing else 0),
         param_shaped_peak_bytes=st.grads + max(opt.step_transient, emb_grad),
         split_vocab_bytes=0 if setup.grad_checkpointing else 4 * arch.vocab * micro_batch_tokens(setup)))
 

@@ -175,7 +175,8 @@ def _check_flash_attention(model: ModelSpec, setup: Setup) -> None:
         raise VramplanError("attn flash (FlashAttention-2) with prefix tuning's attention mask is not modelled; use --attn sdpa")
     if attention_kernel(model.arch, setup, stream_dtypes(setup)).name != "flash":
         raise VramplanError("attn flash (FlashAttention-2) runs in fp16/bf16 only, and this setup's attention inputs are fp32 "
-                            "(precision fp32, or a kbit-prepared quantised base); use --attn sdpa, or --no-kbit-prepare")
+                            "(precision fp32, or a kbit-prepared quantised base outside Trainer's autocast); use --attn sdpa, "
+                            "or --no-kbit-prepare")
 
 
 def _check_techniques(model: ModelSpec, o: dict[str, Any]) -> None:

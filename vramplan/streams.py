@@ -68,6 +68,10 @@ def attention_kernel(arch: ArchConfig, setup: Setup, dt: Dtypes) -> AttnKernel:
         return AttnKernel("eager", gqa, False)
     if masked:
         return AttnKernel("efficient", gqa, True)
-    if dt.linear_out == 2:
+    if dt.linear_out == 2 or trainer_autocast(setup):
+        # Trainer/TRL forward runs under torch.autocast(bf16), whose lower-precision op list holds
+        # scaled_dot_product_attention: fp32 q/k/v (a kbit-prepared QLoRA base) reach the kernel
+        # as bf16, so flash runs (traced: t4-mis7b-hf-qlora-ckpt-b4s1024, a bf16 b x s x hidden
+        # output per layer, no s x s probabilities)
         return AttnKernel("flash", False, False)
     return AttnKernel("math" if gqa else "efficient", gqa, False)

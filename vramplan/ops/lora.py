@@ -4,6 +4,7 @@ extra outputs and weight casts, and the transients of the cast and dropout."""
 
 from __future__ import annotations
 
+from vramplan.methods import adapter_bytes
 from vramplan.ops.tensors import FIXED, FORWARD, OpContext, Saved, sized, tok
 
 
@@ -18,6 +19,11 @@ def adapter_input(c: OpContext, mod: str, d_in: int, in_bytes: int) -> tuple[tup
         return (), False
     drop = c.setup.lora_dropout > 0
     mask = (tok(c, f"{mod}.lora_dropout.mask", 1, d_in),) if drop else ()
+    if adapter_bytes(c.setup) == 2:
+        # 16-bit adapters (a 4-bit base peft did not prepare): the cast to the adapter dtype is a
+        # no-op; dropout's 16-bit output is what lora_A saves (traced: t4-q15-trl-qlora-b4s1024,
+        # per target a 1-byte mask and a 16-bit copy of its input at the peak, nothing fp32)
+        return ((*mask, tok(c, f"{mod}.lora_dropout.output", 2, d_in)) if drop else ()), False
     if c.dt.autocast or c.dt.lora_autocast:
         return (*mask, tok(c, f"{mod}.lora_A.input_cast", 2, d_in)), False
     if drop:
@@ -58,6 +64,8 @@ def lora_input_cast(c: OpContext) -> tuple[Saved, ...]:
     beside lora_A's 16-bit cast (traced: tr-l1b-trl-lora-b2s1024, _cast_input_dtype + dropout,
     64 MiB each on down_proj)."""
     if c.setup.method not in ("lora", "qlora") or c.setup.lora_dropout == 0 or not (c.dt.lora_autocast or c.dt.autocast):
+        return ()
+    if adapter_bytes(c.setup) == 2:  # 16-bit adapters: no fp32 cast of the input
         return ()
     widest = max((lm.d_in for lm in c.linears if lm.module in c.setup.lora_targets), default=0)
     return (tok(c, "lora.input_fp32", 4, widest, FORWARD), tok(c, "lora_dropout.output", 4, widest, FORWARD),
