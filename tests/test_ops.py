@@ -236,3 +236,47 @@ def test_breakdown_is_the_peak_moment_over_the_steady_states():
     assert sum(e.breakdown.values()) == e.peak_allocated_bytes == e.phases[e.peak_phase]
     steady = e.breakdown["weights"] + e.breakdown["adapters"] + e.breakdown["optimizer_states"] + e.breakdown["cublas_workspace"]
     assert e.phases["optimizer_step"] == steady + e.terms["grads"] + e.terms["hold"] + e.terms["opt_transient"]
+
+
+def test_liger_norms_save_their_input_as_is_and_an_fp32_rstd_per_row():
+    plain = {t.name for t in _ops("llama-3.2-1b", method="full")["input_norm"]}
+    liger = {t.name: t for t in _ops("llama-3.2-1b", method="full", liger=True)["input_norm"]}
+    assert "input_layernorm.input_fp32" in plain and "input_layernorm.normalised" in plain
+    assert set(liger) == {"input_layernorm.input", "input_layernorm.rstd"}
+    assert liger["input_layernorm.input"].dtype == "bf16" and liger["input_layernorm.rstd"].dtype == "fp32"
+
+
+def test_liger_swiglu_saves_gate_and_up_only_and_writes_their_gradients_in_place():
+    plain = {t.name for t in _ops("llama-3.2-1b", method="full")["mlp"]}
+    liger = {t.name for t in _ops("llama-3.2-1b", method="full", liger=True)["mlp"]}
+    assert "act_fn.output" in plain and "act_fn.output" not in liger
+    assert {n for n in liger if n.endswith(".grad")} == {"mlp.product.grad"}
+
+
+def test_trl_activation_offload_keeps_each_norms_fp32_copy_of_every_layer_on_the_card():
+    from vramplan.activations import offload_kept_bytes
+
+    spec, lay, s = _setup("tinyllama-1.1b", method="lora", trainer="trl", activation_offload=True,
+                          grad_checkpointing=False)
+    dup, working = offload_kept_bytes(spec.arch, lay, s)
+    assert dup == 2 * 4 * spec.arch.hidden * s.tokens  # input_layernorm and post_attention_layernorm
+    terms = activation_terms(spec.arch, lay, s, stream_dtypes(s))
+    assert terms.layers_saved == lay.layers * dup + working
+    assert terms.host > 0
+
+
+def test_kbit_prepared_base_under_trainer_autocast_has_bf16_logits_and_autocast_adapters():
+    _, _, hf = _setup("llama-3.2-1b", method="qlora", trainer="hf")
+    _, _, plain = _setup("llama-3.2-1b", method="qlora", trainer="plain")
+    assert stream_dtypes(hf).logits == 2 and stream_dtypes(hf).lora_autocast
+    assert stream_dtypes(plain).logits == 4 and not stream_dtypes(plain).lora_autocast
+
+
+def test_fp32_lm_head_of_a_kbit_prepared_base_saves_its_bf16_cast_under_trainer_autocast():
+    from vramplan.activations import head_activations
+
+    spec, _, hf = _setup("llama-3.2-1b", method="qlora", trainer="hf")
+    _, _, plain = _setup("llama-3.2-1b", method="qlora", trainer="plain")
+    a = spec.arch
+    diff = head_activations(a, hf, stream_dtypes(hf)).saved - head_activations(a, plain, stream_dtypes(plain)).saved
+    assert diff == 2 * a.vocab * a.hidden

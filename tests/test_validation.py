@@ -20,27 +20,11 @@ KNOWN_GAPS = {
     "l8b-lora-int8-ckpt-b2s1024": (-0.16, -0.10),
     # Real-trainer records (data/measurements/h100_2026-11-25_trainers.jsonl) the trainer model
     # does not yet get within the goal; each band pins today's error so a fix shows up.
-    # QLoRA through from_pretrained + prepare_model_for_kbit_training under Trainer's autocast:
-    # bitsandbytes layers return fp32 (their input's dtype) while the adapters and attention run in
-    # bf16; the streams are modelled fp32 throughout, not yet per tensor (traced:
-    # t4-mis7b-hf-qlora-ckpt-b4s1024, t3-phi4mini-hf-qlora-ckpt-b4s1024)
-    "tr-l1b-hf-qlora-ckpt-b2s1024": (-0.10, -0.08),
-    "tr-l8b-hf-qlora-ckpt-b2s2048": (-0.07, -0.05),
-    # held out on the H200 (data/measurements/h200_2026-11-25_trainers.jsonl)
-    "h3-phi4mini-hf-qlora-ckpt-b4s1024": (-0.08, -0.065),
-    "t3-phi4mini-hf-qlora-ckpt-b4s1024": (-0.08, -0.065),
     # DoRA on a 4-bit base (peft dequantises each Linear4bit weight per module in forward)
     "tr-l3b-trl-qlora-dora-b2s1024": (-0.175, -0.16),
     # TRL + DoRA with checkpointing at 4B: the recompute transients of DoRA's weight casts exceed
     # the one-layer term
     "tr-q34b-trl-dora-b2s1024": (-0.06, -0.05),
-    # TRL activation offloading: more than two layers' tensors stay on the card at long sequences
-    "h2-tiny-trl-lora-actoff-b4s2048": (-0.255, -0.24),
-    # Liger: RMSNorm/SwiGLU kernels save fewer tensors than the transformers ops modelled, and the
-    # fused linear cross-entropy's forward chunk is over-counted
-    "tr-l1b-trl-lora-liger-b2s1024": (0.11, 0.125),
-    "tr-l1b-hf-full-liger-b2s1024": (0.095, 0.105),
-    "h2-l1b-hf-full-8bit-liger-b4s1024": (0.17, 0.18),
 }
 
 

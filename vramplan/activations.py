@@ -183,3 +183,21 @@ def head_activations(arch: ArchConfig, setup: Setup, dt: Dtypes) -> HeadActs:
 def checkpoint_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:
     """Non-reentrant gradient checkpointing keeps each layer's input hidden states."""
     return dt.residual * arch.hidden * micro_batch_tokens(setup)
+
+
+def offload_kept_bytes(arch: ArchConfig, lay: Layout, setup: Setup) -> tuple[int, int]:
+    """TRL activation offloading without checkpointing (trl/models/activation_offloading.py
+    OffloadActivations, 1.16): (bytes that stay on the card for every layer, the working set).
+
+    pack_tensor copies each saved tensor of >= 1 KiB to pinned host memory, but a storage saved
+    again while its first copy is still in flight (the last 5 saved tensors) is kept on the GPU
+    as it is, until backward unpacks it. RMSNorm saves its fp32 input twice in a row (pow, then
+    the mul by rsqrt), so every norm's fp32 copy of every layer stays. In backward, tensors come
+    back per autograd node and the previous node's are freed once the current one has run: the
+    largest such pair in a gated MLP is the product's inputs (act and up) and the activation's
+    (gate)."""
+    d = dims_of(setup)
+    dup = sum(t.nbytes(d) for _, ts in layer_tensors(arch, lay, setup) for t in ts
+              if t.name.endswith(".input_fp32") and not t.name.startswith(("lora", "down_proj")) and "proj" not in t.name)
+    working = 3 * stream_dtypes(setup).linear_out * (arch.moe_intermediate or arch.intermediate) * micro_batch_tokens(setup)
+    return dup, working

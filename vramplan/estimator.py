@@ -14,6 +14,7 @@ from vramplan.activations import (
     head_activations,
     layer_activations,
     micro_batch_tokens,
+    offload_kept_bytes,
     stream_dtypes,
 )
 from vramplan.allocator import DEFAULT_CUDA_CONTEXT_BYTES, peak_reserved_bytes, same_shape_state_copies, step_pools
@@ -191,11 +192,16 @@ def activation_terms(arch: ArchConfig, lay: Layout, setup: Setup, dt: Dtypes) ->
     host = 0
     if setup.activation_offload:
         # TRL activation_offloading (trl/models/activation_offloading.py OffloadActivations): every
-        # saved tensor of >= 1 KiB goes to pinned host memory as forward runs and comes back layer
-        # by layer in backward on a side stream that prefetches the next layer's tensors while the
-        # current layer's backward runs: two layers' tensors are on the card at a time.
+        # saved tensor of >= 1 KiB goes to pinned host memory as forward runs and comes back in
+        # backward on a side stream. Under checkpointing two layers' kept inputs are on the card at
+        # a time; without it, the tensors saved twice in a row stay (offload_kept_bytes).
         host = layers_saved
-        layers_saved = 2 * (ckpt_input if setup.grad_checkpointing else layer.saved)
+        if setup.grad_checkpointing:
+            layers_saved = 2 * ckpt_input
+        else:
+            dup, working = offload_kept_bytes(arch, lay, setup)
+            layers_saved = dup * lay.layers + working
+        host -= min(host, layers_saved)
     return ActivationTerms(layer=layer, head=head, hold=head.logits if setup.hold_outputs else 0, ckpt_input=ckpt_input,
                            layers_saved=layers_saved, host=host, autocast_cache=autocast_weight_cache_bytes(arch, lay, dt),
                            retained=layer.retained * lay.layers)

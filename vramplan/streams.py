@@ -44,8 +44,13 @@ def stream_dtypes(setup: Setup) -> Dtypes:
         return Dtypes(4, 4, 2, 2, True)
     if setup.quantised and setup.kbit_prepare:
         # prepare_model_for_kbit_training upcasts embeddings, norms and lm_head to fp32, so the
-        # hidden states are fp32; bitsandbytes Linear4bit/8bitLt return their input's dtype.
-        return Dtypes(4, 4, 4, 4, False)
+        # hidden states are fp32; bitsandbytes Linear4bit/8bitLt return their input's dtype. Under
+        # Trainer's autocast the (unquantised) lm_head is an ordinary Linear: bf16 logits.
+        # The fp32 adapters then run under autocast too: lora_A saves a bf16 cast of its input
+        # (traced: t4-mis7b-hf-qlora-ckpt-b4s1024, 16-bit hidden-wide casts and no fp32 dropout
+        # outputs of the hidden-wide targets at the peak).
+        auto = trainer_autocast(setup)
+        return Dtypes(4, 4, 4, 2 if auto else 4, False, lora_autocast=auto)
     b = 2 if setup.dtype in ("bf16", "fp16") or setup.quantised else 4
     return Dtypes(b, b, b, b, False, lora_autocast=trainer_autocast(setup) and b == 2)
 

@@ -20,8 +20,11 @@ def gated_mlp(c: OpContext) -> tuple[Saved, ...]:
     mods = tuple((m, a.hidden) for m in ("gate_proj", "up_proj", "gate_up_proj") if m in c.mods)
     out = linear_inputs(c, mods, in_bytes=c.dt.norm_out, input_name=f"{norm}.output", width=a.hidden,
                         saved_by_base=c.base and not c.dt.autocast, shared_by_lora=True)
-    # gate output (the act's input), act output, up output: the product saves both of its inputs
-    out += (tok(c, "gate_proj.output", L, Iw), tok(c, "act_fn.output", L, Iw), tok(c, "up_proj.output", L, Iw))
+    # gate output (the act's input), act output, up output: the product saves both of its inputs.
+    # Liger's SiLU/GELU-mul (liger_kernel/ops/swiglu.py LigerSiLUMulFunction, geglu.py) saves only
+    # its two inputs and recomputes the activation in backward.
+    act = () if c.setup.liger else (tok(c, "act_fn.output", L, Iw),)
+    out += (tok(c, "gate_proj.output", L, Iw), *act, tok(c, "up_proj.output", L, Iw))
     return out + linear_inputs(c, (("down_proj", Iw),), in_bytes=L, input_name="down_proj.input", width=Iw,
                                saved_by_base=c.base, shared_by_lora=False)
 
@@ -58,6 +61,10 @@ def mlp_backward(c: OpContext) -> tuple[Saved, ...]:
     """One layer's backward: the gradients of the widest intermediates (gate, up, act; all routed
     experts' at once) exist together while its saved tensors are still alive."""
     width = (c.arch.moe_intermediate or c.arch.intermediate) * (c.arch.experts_per_token or 1)
+    if c.setup.liger and not c.moe and not c.gpt2:
+        # swiglu_backward writes the gate and up gradients into the saved a and b in place: only
+        # the incoming gradient of the product is new
+        return (tok(c, "mlp.product.grad", c.dt.linear_out, width, BACKWARD),)
     return tuple(tok(c, f"mlp.{n}.grad", c.dt.linear_out, width, BACKWARD) for n in ("gate", "up", "act"))
 
 
