@@ -63,6 +63,22 @@ def base_weight_bytes(*, lay: Layout, dtype: str, dense_bytes_per_param: int, do
     every non-quantised fp16/bf16 parameter to fp32, peft/utils/other.py)."""
     if not quantised:
         return WeightBytes(0, lay.params_total * dense_bytes_per_param, lay.params_total)
+    key = (id(lay), dtype, dense_bytes_per_param, double_quant)
+    hit = _QUANTISED_CACHE.get(key)
+    if hit is not None and hit[0] is lay:
+        return hit[1]
+    wb = _quantised_weight_bytes(lay, dtype, dense_bytes_per_param, double_quant)
+    _QUANTISED_CACHE[key] = (lay, wb)
+    return wb
+
+
+# Keyed by the layout's identity (layouts are cached per model, vramplan.layout), as
+# allocator.param_rounding_bytes: summing every quantised Linear per estimate would cost a fifth
+# of a 405B QLoRA estimate (benchmarks/speed.py).
+_QUANTISED_CACHE: dict[tuple[int, str, int, bool], tuple[Layout, WeightBytes]] = {}
+
+
+def _quantised_weight_bytes(lay: Layout, dtype: str, dense_bytes_per_param: int, double_quant: bool) -> WeightBytes:
     q = qn = 0
     for g in lay.groups:
         q += g.count * sum(quantised_linear_bytes(d_in=lm.d_in, d_out=lm.d_out, dtype=dtype, double_quant=double_quant)
