@@ -224,10 +224,10 @@ def test_moe_router_saves_fp32_logits_and_softmax_per_expert():
         assert (mlp[name].nbytes(dims_of(s)), mlp[name].dtype) == (4 * spec.arch.n_experts * s.tokens, "fp32")
 
 
-def test_backward_peak_is_the_first_largest_moment_ranked_without_carried_gradients():
+def test_backward_peak_is_the_first_largest_moment_counting_carried_gradients():
     at_loss = Moment(0, 100, 10, 5, carried=50)
     late = Moment(40, 60, 10, 6)
-    assert backward_peak((at_loss, late)) is late  # 116 > 115: carried gradients are not ranked
+    assert backward_peak((at_loss, late)) is at_loss  # 165 > 116: carried gradients are on the card
     assert backward_peak((Moment(0, 1, 0, 0), Moment(1, 0, 0, 0))).activations == 1  # ties: the first
 
 

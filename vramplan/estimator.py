@@ -279,9 +279,9 @@ def step_moments(st: ModelStates, a: ActivationTerms, *, emb_grad: int,
 
 
 def backward_peak(candidates: tuple[Moment, ...]) -> Moment:
-    """The backward moment with the most bytes, ranked without carried gradients (as the committed
-    baseline was fixed, data/accuracy_baseline.json); the first of equals."""
-    return max(candidates, key=lambda m: m.total - m.carried)
+    """The backward moment with the most bytes alive (gradients carried over from earlier
+    micro-batches included: they are on the card at every moment); the first of equals."""
+    return max(candidates, key=lambda m: m.total)
 
 
 def breakdown(st: ModelStates, at: Moment | None) -> dict[str, int]:
