@@ -74,7 +74,5 @@ def mlp_norm(c: OpContext) -> tuple[Saved, ...]:
         return liger_norm(c, name, c.dt.residual, H)
     out = [tok(c, f"{name}.input_fp32", 4, H)]
     if c.base:
-        # MoE layers are costed with a 16-bit normalised copy whatever the stream dtype (as the
-        # baseline was fixed, data/accuracy_baseline.json)
-        out.append(tok(c, f"{name}.normalised", 2 if c.moe else c.normalised, H))
+        out.append(tok(c, f"{name}.normalised", c.normalised, H))
     return tuple(out)
