@@ -305,7 +305,21 @@ def reserved_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates,
         vocab_peak_bytes=head.saved + max(head.logits + head.fwd_transient, a.hold + head.bwd_transient),
         activation_peak_bytes=a.total - head.saved - a.retained + (a.layer.saved + a.layer.transient if setup.grad_checkpointing else 0),
         param_shaped_peak_bytes=st.grads + max(opt.step_transient, emb_grad),
-        split_vocab_bytes=0 if setup.grad_checkpointing else 4 * arch.vocab * micro_batch_tokens(setup)))
+        split_vocab_bytes=split_vocab_bytes(arch, setup, a)))
+
+
+def split_vocab_bytes(arch: ArchConfig, setup: Setup, a: ActivationTerms) -> int:
+    """The vocabulary-sized block that smaller requests split once freed, so that the next step's
+    copy needs a segment of its own. Without checkpointing the backward's activation gradients
+    are carved out of the fp32 logits copy's block (4 B x tokens x vocab: l1b-full-sgd-b2s1024
+    strands 1034 MiB, its 4TV + 32 MiB). With checkpointing the recompute's tensors are carved out
+    of the smallest freed vocabulary block that fits (the allocator's best fit), the 16-bit logits'
+    -- when the loop has let them go: a loop that holds the model output (hold_outputs) keeps that
+    block alive through backward (Trainer/TRL runs: h3-g3-1b-hf-lora-ckpt-b4s2048 reserves 4.78 GiB
+    over its peak, its 2TV of 4 GiB plus rounding; the plain-loop records, which hold, do not)."""
+    if not setup.grad_checkpointing:
+        return 4 * arch.vocab * micro_batch_tokens(setup)
+    return 0 if setup.hold_outputs else a.head.logits
 
 
 def outside_allocator(st: ModelStates, a: ActivationTerms, *, context_bytes: int) -> dict[str, int]:
