@@ -280,3 +280,14 @@ def test_fp32_lm_head_of_a_kbit_prepared_base_saves_its_bf16_cast_under_trainer_
     a = spec.arch
     diff = head_activations(a, hf, stream_dtypes(hf)).saved - head_activations(a, plain, stream_dtypes(plain)).saved
     assert diff == 2 * a.vocab * a.hidden
+
+
+def test_first_layer_backward_has_every_gradient_but_its_own_and_an_untied_embeddings():
+    from vramplan.estimator import first_layer_grad_bytes, model_states
+
+    for name, tied in (("olmo-2-1b", False), ("llama-3.2-1b", True)):
+        spec, lay, s = _setup(name, method="full")
+        tr = model_states(spec, lay, s).trainable
+        per_layer = (lay.params_total - lay.embed_params - lay.lm_head_params - lay.final_norm_params) // lay.layers
+        later = per_layer + (0 if tied else lay.embed_params)
+        assert first_layer_grad_bytes(lay, tr) == tr.bytes - tr.bytes_per_param * later
