@@ -110,26 +110,43 @@ class LayerSizes:
     saved: Coefs  # saved for backward (without the input-gradient-only part)
     input_grad: Coefs  # saved only for the gradient of the layer's input
     retained: Coefs  # held by the graph past backward
-    transients: tuple[Coefs, ...]  # each operation's transients (never alive together)
+    # each operation's transients (never alive together), with what the operations after it in the
+    # layer save: freed by the time its backward runs
+    transients: tuple[tuple[Coefs, Coefs], ...]
+
+
+# The operations of LAYER_OPS that run one after another through the layer; the rest (DoRA, the
+# LoRA input cast, int8 inputs) are spread over every targeted module and never count as freed.
+SEQUENTIAL_OPS = ("input_norm", "qkv_proj", "qk_norm", "attention", "o_proj", "sandwich_norms", "residual_dropout",
+                  "mlp_norm", "mlp")
 
 
 def layer_sizes(ops: OpTensors) -> LayerSizes:
     every = [t for _, tensors in ops for t in tensors]
+    transients = []
+    for i, (name, tensors) in enumerate(ops):
+        if not any(t.lifetime in TRANSIENT for t in tensors):
+            continue
+        after = () if name not in SEQUENTIAL_OPS else \
+            [t for later, ts in ops[i + 1:] if later in SEQUENTIAL_OPS for t in ts if t.lifetime == SAVED]
+        transients.append((coefs(t for t in tensors if t.lifetime in TRANSIENT), coefs(after)))
     return LayerSizes(
         saved=coefs(t for t in every if t.lifetime == SAVED),
         input_grad=coefs(t for t in every if t.lifetime == SAVED_FOR_INPUT_GRAD),
         retained=coefs(t for t in every if t.lifetime == RETAINED),
-        transients=tuple(coefs(t for t in tensors if t.lifetime in TRANSIENT) for _, tensors in ops
-                         if any(t.lifetime in TRANSIENT for t in tensors)))
+        transients=tuple(transients))
 
 
 def layer_figures(sizes: LayerSizes, d: Dims) -> LayerActs:
-    """Saved and retained bytes are sums over the layer; its transient is the largest one
-    operation's (forward transients recur in backward when checkpointing recomputes the layer)."""
+    """Saved and retained bytes are sums over the layer. Its transient is the most one operation's
+    backward adds over what is still saved then: backward runs the layer in reverse, so the
+    tensors saved by the operations after it are already freed (the attention kernel's s x s
+    gradients never meet the MLP's saved intermediates); forward transients recur in backward
+    when checkpointing recomputes the layer."""
     input_grad = sizes.input_grad.at(d)
     transient = 0
-    for t in sizes.transients:
-        transient = max(transient, t.at(d))
+    for t, freed in sizes.transients:
+        transient = max(transient, t.at(d) - freed.at(d))
     return LayerActs(saved=sizes.saved.at(d) + input_grad, transient=transient, retained=sizes.retained.at(d),
                      input_grad_only=input_grad)
 
