@@ -47,8 +47,6 @@ KNOWN_UNDER = {"g9b-lora-ckpt-b1s2048", "l1b-full-adafactor-b2s1024", "l3b-fsdp-
                # eager attention under checkpointing: the recompute's s x s score blocks strand
                "l1b-full-eager-ckpt-b2s2048",
                "l8b-lora-int8-ckpt-b2s1024",
-               # real-trainer records: peak allocated itself under (tests/test_validation.py KNOWN_GAPS)
-               "tr-q34b-trl-dora-b2s1024",
                # two GPUs, DDP and DeepSpeed: allocations on the communication streams (DDP's
                # reducer, ZeRO's reduce/all-gather side streams) sit in per-stream pools that the
                # single-stream allocator model does not describe (peak allocated within 1.5%)

@@ -4,6 +4,7 @@ extra outputs and weight casts, and the transients of the cast and dropout."""
 
 from __future__ import annotations
 
+from vramplan.layout import LinearModule
 from vramplan.methods import adapter_bytes
 from vramplan.ops.tensors import FIXED, FORWARD, OpContext, Saved, sized, tok
 
@@ -52,10 +53,37 @@ def dora(c: OpContext) -> tuple[Saved, ...]:
         out += (tok(c, f"{lm.module}.dora.base_result", ob, lm.d_out), tok(c, f"{lm.module}.dora.lora_result", ob, lm.d_out),
                 sized(c, f"{lm.module}.dora.weight_cast", FIXED, wb, lm.numel))
     if mods:
-        big = max(mods, key=lambda lm: lm.numel)
-        out += (sized(c, f"{big.module}.dora.{n}", FIXED, 4, big.numel, FORWARD)
-                for n in ("weight_fp32", "weight_plus_lora", "lora_weight"))
+        out += dora_forward_transient(c, mods)
     return tuple(out)
+
+
+def dora_forward_transient(c: OpContext, mods: list[LinearModule]) -> tuple[Saved, ...]:
+    """The largest module's forward transients (DoraLinearLayer.forward and get_lora_weight, peft
+    0.21 tuners/lora/dora.py), alive together until the module's forward returns: the identity
+    `x_eye = torch.eye(d_in)` in the adapter dtype (lora_A saves it for its weight gradient, and
+    the graph lives as long as lora_weight does), its 16-bit cast when lora_A runs under autocast,
+    lora_weight (d_in x d_out), the base weight in the input's dtype when it has to be made
+    (a 4-bit base is dequantised; a 16-bit one copied to fp32 inputs), `scaling * lora_weight`
+    and their sum."""
+    ab = adapter_bytes(c.setup)
+    auto = c.dt.autocast or c.dt.lora_autocast
+    lb = 2 if auto else ab
+    xb = 2 if auto else max(ab, c.dt.linear_out)
+    quantised = c.setup.quantised
+
+    def total(lm: LinearModule) -> tuple[Saved, ...]:
+        sq = lm.d_in * lm.d_in
+        parts = [sized(c, f"{lm.module}.dora.x_eye", FIXED, ab, sq, FORWARD)]
+        if auto and ab == 4:
+            parts.append(sized(c, f"{lm.module}.dora.x_eye_cast", FIXED, 2, sq, FORWARD))
+        parts += [sized(c, f"{lm.module}.dora.lora_weight", FIXED, lb, lm.numel, FORWARD),
+                  sized(c, f"{lm.module}.dora.scaled_lora_weight", FIXED, lb, lm.numel, FORWARD),
+                  sized(c, f"{lm.module}.dora.weight_plus_lora", FIXED, max(lb, xb), lm.numel, FORWARD)]
+        if quantised or xb == 4:
+            parts.append(sized(c, f"{lm.module}.dora.weight_in_input_dtype", FIXED, 2 if quantised else xb, lm.numel, FORWARD))
+        return tuple(parts)
+
+    return max((total(lm) for lm in mods), key=lambda ts: sum(t.coef for t in ts))
 
 
 def lora_input_cast(c: OpContext) -> tuple[Saved, ...]:
