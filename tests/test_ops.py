@@ -319,3 +319,10 @@ def test_dora_forward_transient_holds_the_identity_of_the_widest_input_in_the_ad
     inter = spec.arch.intermediate
     assert ts["down_proj.dora.x_eye"].coef == 4 * inter * inter  # fp32 adapters: torch.eye(d_in) in fp32
     assert ts["down_proj.dora.x_eye_cast"].coef == 2 * inter * inter  # lora_A under autocast casts it
+
+
+def test_dora_on_an_unprepared_4bit_base_under_autocast_runs_fp32_streams():
+    _, _, dora = _setup("llama-3.2-3b", trainer="trl", method="qlora", use_dora=True, kbit_prepare=False)
+    _, _, lora = _setup("llama-3.2-3b", trainer="trl", method="qlora", kbit_prepare=False)
+    assert (stream_dtypes(dora).residual, stream_dtypes(dora).linear_out, stream_dtypes(dora).logits) == (4, 4, 2)
+    assert stream_dtypes(lora).residual == 2

@@ -18,11 +18,6 @@ KNOWN_GAPS = {
     # bitsandbytes LLM.int8 under gradient checkpointing keeps data-dependent outlier/quantisation
     # buffers in MatMul8bitLt ctx.tensors beyond the inputs the model counts (see the README).
     "l8b-lora-int8-ckpt-b2s1024": (-0.16, -0.10),
-    # Real-trainer records (data/measurements/h100_2026-11-25_trainers.jsonl) the trainer model
-    # does not yet get within the goal; each band pins today's error so a fix shows up.
-    # DoRA on a 4-bit base under TRL (bf16 adapters; peft dequantises each Linear4bit weight per
-    # module in forward): not traced (torch's memory history fails in this backward)
-    "tr-l3b-trl-qlora-dora-b2s1024": (-0.17, -0.15),
 }
 
 

@@ -51,6 +51,13 @@ def stream_dtypes(setup: Setup) -> Dtypes:
         # outputs of the hidden-wide targets at the peak).
         auto = trainer_autocast(setup)
         return Dtypes(4, 4, 4, 2 if auto else 4, False, lora_autocast=auto)
+    if setup.quantised and setup.use_dora and trainer_autocast(setup):
+        # DoRA on an unprepared 4-bit base under autocast: its fp32 magnitude makes each targeted
+        # module's DoRA output fp32, and peft's bnb Linear4bit.forward adds it to the base output
+        # without casting back (tuners/lora/bnb.py; the plain Linear casts to the base dtype), so
+        # the module outputs, the residual stream and the norms run in fp32 from the first layer
+        # on; the lm_head stays an ordinary Linear under autocast (bf16 logits).
+        return Dtypes(4, 4, 4, 2, False, lora_autocast=True)
     b = 2 if setup.dtype in ("bf16", "fp16") or setup.quantised else 4
     return Dtypes(b, b, b, b, False, lora_autocast=trainer_autocast(setup) and b == 2)
 

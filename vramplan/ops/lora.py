@@ -68,7 +68,8 @@ def dora_forward_transient(c: OpContext, mods: list[LinearModule]) -> tuple[Save
     ab = adapter_bytes(c.setup)
     auto = c.dt.autocast or c.dt.lora_autocast
     lb = 2 if auto else ab
-    xb = 2 if auto else max(ab, c.dt.linear_out)
+    # the input's dtype: peft casts it to the adapter dtype only outside autocast
+    xb = c.dt.linear_out if auto else max(ab, c.dt.linear_out)
     quantised = c.setup.quantised
 
     def total(lm: LinearModule) -> tuple[Saved, ...]:
@@ -79,8 +80,10 @@ def dora_forward_transient(c: OpContext, mods: list[LinearModule]) -> tuple[Save
         parts += [sized(c, f"{lm.module}.dora.lora_weight", FIXED, lb, lm.numel, FORWARD),
                   sized(c, f"{lm.module}.dora.scaled_lora_weight", FIXED, lb, lm.numel, FORWARD),
                   sized(c, f"{lm.module}.dora.weight_plus_lora", FIXED, max(lb, xb), lm.numel, FORWARD)]
-        if quantised or xb == 4:
-            parts.append(sized(c, f"{lm.module}.dora.weight_in_input_dtype", FIXED, 2 if quantised else xb, lm.numel, FORWARD))
+        if quantised:  # dequantize_module_weight: a 16-bit copy, then .to(x.dtype)
+            parts.append(sized(c, f"{lm.module}.dora.weight_dequantised", FIXED, 2, lm.numel, FORWARD))
+        if xb == 4:
+            parts.append(sized(c, f"{lm.module}.dora.weight_in_input_dtype", FIXED, 4, lm.numel, FORWARD))
         return tuple(parts)
 
     return max((total(lm) for lm in mods), key=lambda ts: sum(t.coef for t in ts))
