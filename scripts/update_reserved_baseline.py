@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vramplan.allocator import NCCL_COMMUNICATOR_BYTES, NCCL_INIT_BYTES
-from vramplan.records import _spec_setup, is_distributed, load_records, record_estimate, record_name
+from vramplan.records import is_distributed, load_records, record_distributed, record_estimate, record_name
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 MIN_TOL = 0.01  # one per cent either way at least
@@ -32,12 +32,7 @@ MAX_OUTSIDE = 879 * 2**20 + NCCL_INIT_BYTES + 64 * 2**20
 def _estimate(rec: dict[str, Any]) -> tuple[int, int]:
     """(peak reserved, device total) per GPU."""
     if is_distributed(rec):
-        from vramplan.distributed import estimate_distributed, make_parallel
-
-        spec, setup = _spec_setup(rec)
-        s = rec["setup"]
-        d = estimate_distributed(spec, setup, make_parallel(gpus=int(rec.get("world_size", 1)), zero=s.get("zero") or 0,
-                                                            fsdp=s.get("fsdp"), offload=s.get("offload", "none")))
+        d = record_distributed(rec)
         return d.per_gpu_reserved_bytes, d.per_gpu_device_total_bytes
     e = record_estimate(rec)
     return e.peak_reserved_bytes, e.device_total_bytes

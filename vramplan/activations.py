@@ -121,6 +121,10 @@ SEQUENTIAL_OPS = ("input_norm", "qkv_proj", "qk_norm", "attention", "o_proj", "s
                   "mlp_norm", "mlp")
 
 
+# The operations of LAYER_OPS that are RMSNorms (their fp32 input copy is saved by pow and by mul).
+NORM_OPS = ("input_norm", "qk_norm", "sandwich_norms", "mlp_norm")
+
+
 def layer_sizes(ops: OpTensors) -> LayerSizes:
     every = [t for _, tensors in ops for t in tensors]
     transients = []
@@ -214,7 +218,7 @@ def offload_kept_bytes(arch: ArchConfig, lay: Layout, setup: Setup) -> tuple[int
     largest such pair in a gated MLP is the product's inputs (act and up) and the activation's
     (gate)."""
     d = dims_of(setup)
-    dup = sum(t.nbytes(d) for _, ts in layer_tensors(arch, lay, setup) for t in ts
-              if t.name.endswith(".input_fp32") and not t.name.startswith(("lora", "down_proj")) and "proj" not in t.name)
+    dup = sum(t.nbytes(d) for op, ts in layer_tensors(arch, lay, setup) if op in NORM_OPS
+              for t in ts if t.name.endswith(".input_fp32"))
     working = 3 * stream_dtypes(setup).linear_out * (arch.moe_intermediate or arch.intermediate) * micro_batch_tokens(setup)
     return dup, working

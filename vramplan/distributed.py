@@ -140,9 +140,7 @@ def zero_model_states(*, trainable_params: int, frozen_bytes: int, world: int, s
 
 def _unit_bytes(spec: ModelSpec, tied_trainable: bool) -> int:
     """Largest all-gathered unit in 16-bit: a decoder layer, or the (tied) embedding."""
-    lay = layout(spec)
-    per_layer = (lay.params_total - lay.embed_params - lay.lm_head_params - lay.final_norm_params) // lay.layers
-    return 2 * max(per_layer, spec.arch.vocab * spec.arch.hidden)
+    return 2 * max(layout(spec).params_per_layer, spec.arch.vocab * spec.arch.hidden)
 
 
 @dataclass(frozen=True)
@@ -221,7 +219,10 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     tr = (4 if par.engine == "deepspeed" else 2) * psi // part if m.foreach else 0
     if ddp_mixed:  # every rank holds the single-GPU mixed-precision states
         w, opt, g16, tr = t["weights"] + t["adapters"], t["opt_states"], t["grads"], t["opt_transient"]
-    buckets = (g16 if par.engine == "ddp" and n > 1 else 0) or (4 * spec.arch.hidden ** 2 if stage else 0)
+    if par.engine == "ddp":
+        buckets = g16 if n > 1 else 0  # no reducer on one process
+    else:
+        buckets = 4 * spec.arch.hidden ** 2 if stage else 0
     grad_partitions = g16 if stage == 3 and par.offload == "none" else 0
     gathered = 0
     if stage == 3:

@@ -253,8 +253,7 @@ def first_layer_grad_bytes(lay: Layout, tr: Trainable) -> int:
     peaks there 520 MiB below all gradients = its 392 MiB embedding and one 128 MiB layer."""
     if not tr.base_trainable:
         return tr.bytes - tr.bytes // max(1, lay.layers)
-    per_layer = (lay.params_total - lay.embed_params - lay.lm_head_params - lay.final_norm_params) // max(1, lay.layers)
-    later = per_layer + (lay.embed_params if lay.lm_head_params else 0)
+    later = lay.params_per_layer + (lay.embed_params if lay.lm_head_params else 0)
     return tr.bytes - tr.bytes_per_param * later
 
 
@@ -264,13 +263,12 @@ def top_layer_grad_bytes(lay: Layout, tr: Trainable) -> int:
     layer's share of the adapters'."""
     if not tr.base_trainable:
         return tr.bytes // max(1, lay.layers)
-    per_layer = (lay.params_total - lay.embed_params - lay.lm_head_params - lay.final_norm_params) // max(1, lay.layers)
     head = lay.lm_head_params or lay.embed_params
-    return tr.bytes_per_param * (per_layer + head + lay.final_norm_params)
+    return tr.bytes_per_param * (lay.params_per_layer + head + lay.final_norm_params)
 
 
-def step_moments(st: ModelStates, a: ActivationTerms, *, emb_grad: int, top_grads: int = 0,
-                 first_grads: int | None = None) -> tuple[Moment, tuple[Moment, ...], Moment]:
+def step_moments(st: ModelStates, a: ActivationTerms, *, emb_grad: int, top_grads: int,
+                 first_grads: int) -> tuple[Moment, tuple[Moment, ...], Moment]:
     """(forward at the loss, backward candidates, optimizer step). Backward peaks at the loss (all
     activations + log-softmax buffers), or later while one layer's activations (recomputed under
     checkpointing) are alive, or at its end (tied embeddings). Under checkpointing the layer moment
@@ -282,8 +280,7 @@ def step_moments(st: ModelStates, a: ActivationTerms, *, emb_grad: int, top_grad
     layers = a.total - head.saved
     forward = Moment(0, layers, head.saved + head.logits, head.fwd_transient, carried=st.accum)
     at_loss = Moment(0, layers, head.saved + a.hold, head.bwd_transient, carried=st.accum)
-    late = Moment(grads if first_grads is None else first_grads, a.retained + a.ckpt_input + layer.saved, a.hold,
-                  layer.transient)
+    late = Moment(first_grads, a.retained + a.ckpt_input + layer.saved, a.hold, layer.transient)
     end = Moment(grads, a.retained, a.hold, emb_grad)
     step = Moment(grads, a.retained, a.hold, st.opt.step_transient)
     if not a.ckpt_input:

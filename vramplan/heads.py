@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from vramplan.arch import ArchConfig
 from vramplan.setup import Setup
+from vramplan.streams import trainer_autocast
 
 # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE and trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE
 TRL_TOKEN_TILE = 4096
@@ -57,7 +58,7 @@ def hf_loss_head(arch: ArchConfig, setup: Setup, *, tokens: int, residual_bytes:
     saved = _final_norm_saved(arch, setup, tokens=T, residual_bytes=residual_bytes, base=base, liger=False)
     if base:
         saved += (2 if autocast else norm_out_bytes) * H * T  # lm_head input (trainable lm_head)
-    if setup.trainer in ("hf", "trl") and setup.precision != "fp32" and not base and setup.quantised and setup.kbit_prepare:
+    if trainer_autocast(setup) and not base and setup.quantised and setup.kbit_prepare:
         # prepare_model_for_kbit_training upcasts the frozen lm_head (bitsandbytes leaves it
         # unquantised) to fp32; under Trainer's autocast F.linear runs on a bf16 copy of it and
         # saves that copy for its input gradient (traced: t3-phi4mini-hf-qlora-ckpt-b4s1024,

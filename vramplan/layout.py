@@ -95,6 +95,11 @@ class Layout:
     def layer_params_total(self) -> int:
         return sum(g.params * g.count for g in self.groups)
 
+    @property
+    def params_per_layer(self) -> int:
+        """A decoder layer's parameters, averaged over the layer types."""
+        return self.layer_params_total // max(1, self.layers)
+
 
 # Keyed by identity: hashing a ModelSpec walks its whole tensor inventory, which would cost more
 # than the estimate itself. The spec is kept in the value so its id cannot be reused.

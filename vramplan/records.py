@@ -6,13 +6,16 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vramplan.arch import arch_from_hf_config, build_spec
 from vramplan.datafiles import data_dir
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.profiler.reference import reference_options
 from vramplan.setup import Setup, make_setup
+
+if TYPE_CHECKING:
+    from vramplan.distributed import DistributedEstimate
 
 SETUP_KEYS = tuple(Setup.__dataclass_fields__)
 
@@ -80,16 +83,21 @@ def record_estimate(rec: dict[str, Any]) -> Estimate:
     return estimate_setup(spec, setup)
 
 
+def record_distributed(rec: dict[str, Any]) -> DistributedEstimate:
+    """Re-estimate a sharded, offloaded or multi-GPU record per GPU, with the engine it ran."""
+    from vramplan.distributed import estimate_distributed, make_parallel
+
+    spec, setup = _spec_setup(rec)
+    s = rec["setup"]
+    par = make_parallel(gpus=int(rec.get("world_size", 1)), zero=s.get("zero") or 0, fsdp=s.get("fsdp"),
+                        offload=s.get("offload", "none"))
+    return estimate_distributed(spec, setup, par)
+
+
 def record_peak(rec: dict[str, Any]) -> tuple[int, str]:
     """(estimated peak allocated per GPU, its phase) for any record, sharded ones included."""
     if is_distributed(rec):
-        from vramplan.distributed import estimate_distributed, make_parallel
-
-        spec, setup = _spec_setup(rec)
-        s = rec["setup"]
-        par = make_parallel(gpus=int(rec.get("world_size", 1)), zero=s.get("zero") or 0, fsdp=s.get("fsdp"),
-                            offload=s.get("offload", "none"))
-        d = estimate_distributed(spec, setup, par)
+        d = record_distributed(rec)
         return d.per_gpu_peak_allocated_bytes, d.peak_phase
     e = record_estimate(rec)
     return e.peak_allocated_bytes, e.peak_phase

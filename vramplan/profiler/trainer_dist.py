@@ -26,6 +26,13 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def launch_fields(setup: dict[str, Any]) -> dict[str, Any]:
+    """What a record says of its launch: the engine, the world size and this process's rank
+    (torchrun's environment; one process: 1 and 0)."""
+    return {"engine": engine(setup), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "rank": int(os.environ.get("RANK", "0"))}
+
+
 def deepspeed_config(setup: dict[str, Any]) -> dict[str, Any]:
     """The ZeRO config of transformers' DeepSpeed docs (ds_config_zero2/3.json): "auto" values the
     Trainer fills in (reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = 0.9 hidden^2,

@@ -24,7 +24,14 @@ import tempfile
 import time
 from typing import Any
 
-from vramplan.profiler.trainer_dist import builds_under_zero3, engine, host_rss, init_process_group, local_rank, parallel_args
+from vramplan.profiler.trainer_dist import (
+    builds_under_zero3,
+    host_rss,
+    init_process_group,
+    launch_fields,
+    local_rank,
+    parallel_args,
+)
 from vramplan.profiler.worker import _managed_bytes, recorded_case, summarise_trace
 
 # Trainer's `optim` names for vramplan's optimizers (transformers training_args.py OptimizerNames).
@@ -232,8 +239,6 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
             "host_rss_start": rss0, "host_rss_peak": max(x["host_rss"] for x in rec_steps),
             "gpu_total": total, "load_s": round(load_s, 2),
             "optimizer_class": type(tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer).__name__,
-            "engine": engine(setup), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "rank": int(os.environ.get("RANK", "0")),
         }
         if snap is not None:  # this rank's device first: summarise_trace reads device_traces[0]
             snap["device_traces"] = [snap["device_traces"][dev.index]]
@@ -247,9 +252,7 @@ def main() -> None:
     setup = json.loads(sys.argv[1])
     trace = bool(setup.pop("trace", False))
     rec = recorded_case(setup, lambda: run_case(setup, trace=trace))
-    rec.setdefault("engine", engine(setup))
-    rec.setdefault("world_size", int(os.environ.get("WORLD_SIZE", "1")))
-    rec.setdefault("rank", int(os.environ.get("RANK", "0")))
+    rec.update(launch_fields(setup))  # on failures too, so every rank's record is named
     if rec["engine"] == "deepspeed":
         rec.setdefault("versions", {})["deepspeed"] = md.version("deepspeed")
     print(json.dumps(rec), flush=True)
