@@ -103,3 +103,18 @@ def test_profile_reproduces_a_reference_case_on_cuda():
     spec = resolve_model("qwen2.5-0.5b")
     rec = run_case(profiler_setup(spec, make_setup(spec, batch_size=4, seq_len=512)), steps=3)
     assert abs(rec["peak_allocated"] / 10_303_881_728 - 1) < 0.02
+
+
+def test_a_multi_gpu_case_with_an_unknown_engine_option_is_refused_before_any_launch(tmp_path):
+    from vramplan.errors import VramplanError
+    from vramplan.profiler.sweep import case_setups
+
+    cases = tmp_path / "cases.yaml"
+    cases.write_text("cases:\n  - {name: x, model: llama-3.2-1b, gpus: 2, fsdp: bogus, method: full}\n")
+    with pytest.raises(VramplanError, match="unknown fsdp mode 'bogus'"):
+        case_setups(cases)
+    cases.write_text("cases:\n  - {name: x, model: llama-3.2-1b, gpus: 0, method: full}\n")
+    with pytest.raises(VramplanError, match="gpus must be a positive integer"):
+        case_setups(cases)
+    cases.write_text("cases:\n  - {name: x, model: llama-3.2-1b, gpus: 2, zero: 3, offload: params, method: full}\n")
+    assert case_setups(cases)[0]["zero"] == 3

@@ -31,7 +31,12 @@ def case_setups(path: Path, **extra: Any) -> list[dict[str, Any]]:
         # `trace` replays the allocator history; `serial` marks a case too big to share the GPU
         row_extra = {k: True for k in ("trace", "serial") if c.pop(k, False)}
         # multi-GPU launch (vramplan.profiler.trainer_dist): world size and engine, not Setup fields
-        row_extra.update({k: c.pop(k) for k in ("gpus", "zero", "fsdp", "offload") if k in c})
+        launch = {k: c.pop(k) for k in ("gpus", "zero", "fsdp", "offload") if k in c}
+        if launch:  # checked as an estimate's --gpus/--zero/--fsdp/--offload are
+            from vramplan.distributed import make_parallel
+
+            make_parallel(**launch)
+        row_extra.update(launch)
         spec = resolve_model(model)
         out.append(profiler_setup(spec, make_setup(spec, **c), name=name, steps=steps, **{**extra, **row_extra}))
     return out
