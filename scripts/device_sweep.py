@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vramplan.catalog import resolve_model
+from vramplan.arch import arch_from_hf_config, build_spec
 from vramplan.profiler.sweep import case_setups, run_cases
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     for s in case_setups(Path(a.cases), trace=a.trace)[a.start:]:
         if a.only and a.only not in s["name"]:
             continue
-        big = s.get("serial", False) or resolve_model(s["model"]).params_total > 4e9
+        big = s.get("serial", False) or build_spec(arch_from_hf_config(s["hf_config"], s["model"])).params_total > 4e9
         if (a.big == "only" and not big) or (a.big == "skip" and big):
             continue
         setups.append(s)

@@ -90,9 +90,27 @@ def test_deepseek_all_linear_skips_dense_and_shared_mlps_as_peft_does():
     assert "gate_proj" not in t and "down_proj" not in t and "experts.gate_up_proj" in t
 
 
-def test_llama4_all_linear_includes_the_linear_router_and_leaves_experts_alone():
+def test_llama4_all_linear_leaves_out_the_tuple_returning_router_and_the_experts():
     t = resolve_targets(resolve_model("llama-4-scout"), "all-linear")
-    assert "router" in t and not any(x.startswith("experts") for x in t)
+    assert "router" not in t and "gate_proj" in t and not any(x.startswith("experts") for x in t)
+
+
+def test_llama4_router_as_an_explicit_lora_target_is_refused_naming_it():
+    from vramplan.errors import VramplanError
+
+    with pytest.raises(VramplanError, match="'router'.*cannot wrap"):
+        resolve_targets(resolve_model("llama-4-scout"), "q_proj,router")
+
+
+def test_expert_lora_defaults_to_no_dropout_and_refuses_a_given_one():
+    from vramplan.errors import VramplanError
+    from vramplan.setup import make_setup
+
+    spec = resolve_model("qwen3-30b-a3b")
+    assert make_setup(spec, method="lora").lora_dropout == 0.0
+    assert make_setup(spec, method="lora", lora_targets="attention").lora_dropout == 0.05
+    with pytest.raises(VramplanError, match="lora_dropout 0.1 .*ParamWrapper"):
+        make_setup(spec, method="lora", lora_dropout=0.1)
 
 
 def test_mixtral_qlora_default_rank_is_accepted_and_experts_stay_16_bit():
@@ -121,7 +139,7 @@ PEFT_CASES = {
     "mixtral": dict(_TINY, num_hidden_layers=2, num_local_experts=4),
     "qwen2_moe": dict(_TINY, num_hidden_layers=2, num_experts=4, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
-    "qwen3_moe": dict(_TINY, num_hidden_layers=3, num_experts=4, moe_intermediate_size=32, head_dim=16,
+    "qwen3_moe": dict(_TINY, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
                       mlp_only_layers=[1]),
     "llama4_text": dict(_TINY, num_hidden_layers=2, num_local_experts=4, intermediate_size_mlp=80, head_dim=16,
                         interleave_moe_layer_step=2),
@@ -139,13 +157,32 @@ def test_lora_all_linear_trainable_count_equals_peft_on_a_tiny_moe(model_type):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from vramplan.methods import lora_params
-    from vramplan.setup import make_setup
+    from vramplan.profiler.build import lora_targets
+    from vramplan.setup import make_setup, profiler_setup
 
     cfg = PEFT_CASES[model_type]
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **cfg))
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    theirs = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     spec = build_spec(arch_from_hf_config({"model_type": model_type, **cfg}, model_type))
     setup = make_setup(spec, method="lora", lora_rank=8, lora_targets="all-linear")
+    # what the profiler hands peft for this setup ("all-linear" itself where peft can take it)
+    targets = lora_targets(profiler_setup(spec, setup))
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=setup.lora_dropout, **targets))
+    theirs = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     assert lora_params(layout(spec), setup)[0] == theirs
+    ids = torch.randint(0, cfg["vocab_size"], (1, 8))
+    pm(input_ids=ids, labels=ids).loss.backward()  # and peft can run it
+
+
+@pytest.mark.slow
+def test_peft_all_linear_on_llama4_fails_in_the_router_forward():
+    """Why vramplan's all-linear leaves Llama 4's router out: peft wraps it and its forward breaks."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = PEFT_CASES["llama4_text"]
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("llama4_text", **cfg))
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=8, target_modules="all-linear"))
+    ids = torch.randint(0, cfg["vocab_size"], (1, 8))
+    with pytest.raises(AttributeError, match="tuple"):
+        pm(input_ids=ids, labels=ids)

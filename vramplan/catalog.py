@@ -144,6 +144,16 @@ def catalogue_entry(model: str) -> str | None:
     return _model_index().get(_norm(model))
 
 
+def _config_label(path: Path) -> str:
+    """The name a local config answers as: its folder's for a dir or a config.json, else the
+    file's stem (data/cases/configs/qwen3-30b-a3b-6l.json -> qwen3-30b-a3b-6l)."""
+    if path.is_dir():
+        return path.resolve().name
+    if path.name == "config.json" and path.resolve().parent.name:
+        return path.resolve().parent.name
+    return path.stem
+
+
 def resolve_model(model: str | Path | ModelSpec, *, trust_remote_code: bool = False) -> ModelSpec:
     """A ModelSpec from a catalogue name/alias, a local config.json (file or directory), or a hub id."""
     if isinstance(model, ModelSpec):
@@ -156,7 +166,7 @@ def resolve_model(model: str | Path | ModelSpec, *, trust_remote_code: bool = Fa
     if hit and not (_looks_like_path(text) and path.exists()):
         return _catalog_spec(hit)
     if path.exists():
-        return build_spec(arch_from_hf_config(load_config_json(path), path.name if path.is_dir() else path.parent.name or path.stem))
+        return build_spec(arch_from_hf_config(load_config_json(path), _config_label(path)))
     if "/" in text and not text.startswith((".", "/")):
         return build_spec(arch_from_hf_config(_hub_config(text, trust_remote_code), text))
     raise unknown("model", text, _model_index().keys(), hint="see `vramplan models`, or pass a config.json path")

@@ -18,6 +18,7 @@ from vramplan.options import (  # noqa: F401 (re-exported: the choices are the o
     PRECISIONS,
     QUANTISED,
     TRAINERS,
+    UNSET,
     SetupFields,
     resolve,
 )
@@ -79,21 +80,43 @@ def resolve_targets(model: ModelSpec, targets: str | list[str] | tuple[str, ...]
     available = linear | params
     if not available:
         raise VramplanError(f"model {model.name!r} has no Linear modules LoRA can target")
+    # Llama4Router is an nn.Linear whose forward returns (scores, logits): peft's lora.Linear adds
+    # its delta to that tuple and the forward fails ("'tuple' object has no attribute 'dtype'",
+    # peft 0.21 on a tiny llama4_text with target_modules="all-linear"), so all-linear leaves it out
+    unwrappable = {lm.module for g in lay.groups for lm in g.linears if lm.kind == "router"} if model.arch.router_linear else set()
     if isinstance(targets, str):
         if targets in ("all-linear", "all"):
             moved = set(PEFT_MOE_V4_NAMES.get(model.arch.peft_moe_pattern or "", ()))
-            return tuple(sorted((linear - moved) | params))
+            return tuple(sorted((linear - moved - unwrappable) | params))
         if targets in ("attention", "attn"):
             return tuple(sorted({lm.module for g in lay.groups for lm in g.linears if lm.kind == "attn"}))
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     out = []
     for t in targets:
+        if t in unwrappable:
+            raise VramplanError(f"LoRA target {t!r} is {model.arch.model_type}'s router, whose forward returns a tuple: "
+                                "peft's LoRA layer cannot wrap it; leave it out of lora_targets")
         if t not in available:
             raise unknown("LoRA target module", t, [*sorted(available), "all-linear", "attention"])
         out.append(t)
     if not out:
         raise VramplanError("lora_targets is empty; allowed: all-linear, attention, or module names")
     return tuple(dict.fromkeys(out))
+
+
+def _param_target_dropout(model: ModelSpec, targets: tuple[str, ...], dropout: float, *, given: bool) -> float:
+    """peft 0.21 wraps a target *parameter* (fused experts, a router weight) in lora.ParamWrapper,
+    which raises "lora.ParamWrapper does not work with lora_dropout != 0" (peft/tuners/lora/layer.py;
+    verified on tiny Qwen3-MoE/Mixtral/DeepSeek-V3 with target_modules="all-linear"). With such
+    targets the default dropout is 0; a dropout the user gave is refused as peft refuses it."""
+    params = {pt.module for g in layout(model).groups for pt in g.param_targets}
+    hit = sorted(params.intersection(targets))
+    if not hit or dropout == 0:
+        return dropout
+    if given:
+        raise VramplanError(f"lora_dropout {dropout!r} with LoRA on fused expert/router parameters ({', '.join(hit)}): "
+                            "peft's ParamWrapper needs lora_dropout 0; pass lora_dropout 0, or lora_targets attention")
+    return 0.0
 
 
 def make_setup(model: ModelSpec, **opts: Any) -> Setup:
@@ -134,6 +157,7 @@ def make_setup(model: ModelSpec, **opts: Any) -> Setup:
             raise VramplanError(f"lora_rank {lora_rank} exceeds the smallest target matrix dimension ({limit}); allowed: 1..{limit}")
         if not 0.0 <= lora_dropout < 1.0:
             raise VramplanError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        lora_dropout = _param_target_dropout(model, targets, lora_dropout, given=opts.get("lora_dropout", UNSET) is not UNSET)
     if method == "galore":
         _posint("galore_rank", galore_rank)
         limit = min(min(lm.d_in, lm.d_out) for lm in layout(model).linears)
@@ -145,7 +169,7 @@ def make_setup(model: ModelSpec, **opts: Any) -> Setup:
         # peft raises "PREFIX_TUNING does not work with gradient checkpointing" (measured:
         # data/measurements q05-prefix-ckpt-b8s512)
         raise VramplanError("method prefix does not work with gradient checkpointing (peft refuses it); drop --grad-checkpointing")
-    setup = Setup(**{**o, "lora_targets": targets, "lora_alpha": float(o["lora_alpha"])})
+    setup = Setup(**{**o, "lora_targets": targets, "lora_alpha": float(o["lora_alpha"]), "lora_dropout": lora_dropout})
     _check_flash_attention(model, setup)
     return setup
 
@@ -194,6 +218,13 @@ def profiler_setup(model: ModelSpec, setup: Setup, **extra: Any) -> dict[str, An
     """The JSON the profiler worker takes: the setup plus the model's HF config."""
     d = setup.to_dict()
     d.update(model=model.name, hf_config=model.arch.hf_config, lora_targets_resolved=list(setup.lora_targets), **extra)
+    if setup.method in ("lora", "qlora"):
+        params = {pt.module for g in layout(model).groups for pt in g.param_targets}
+        # the worker hands peft "all-linear" itself where that is what resolved, so peft's own MoE
+        # conversion (router weight, fused experts at rank 2r) runs as it does for users
+        # (not where all-linear had to leave out a router peft cannot wrap: Llama 4)
+        d.update(lora_all_linear=setup.lora_targets == resolve_targets(model, "all-linear") and not model.arch.router_linear,
+                 lora_target_parameters=sorted(params.intersection(setup.lora_targets)))
     return d
 
 

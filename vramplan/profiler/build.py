@@ -90,7 +90,9 @@ def build_model(setup: dict[str, Any], device: torch.device) -> nn.Module:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
     for parent in list(model.modules()):
         for cname, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child is not model.get_output_embeddings():
+            # transformers 5 integrations/bitsandbytes.py replace_with_bnb_linear converts only
+            # `type(module) is nn.Linear`: subclasses such as Llama4Router stay 16-bit
+            if type(child) is nn.Linear and child is not model.get_output_embeddings():
                 setattr(parent, cname, _quantised_linear(child, setup, device))
     _materialise(model, torch.bfloat16, device)
     model.tie_weights()
@@ -99,6 +101,23 @@ def build_model(setup: dict[str, Any], device: torch.device) -> nn.Module:
         with contextlib.suppress(AttributeError):
             setattr(model, attr, True)
     return model
+
+
+def lora_targets(setup: dict[str, Any]) -> dict[str, Any]:
+    """LoraConfig target arguments: "all-linear" where the setup resolved to it (peft 0.21 then maps
+    the router and fused experts onto `target_parameters` itself, utils/transformers_weight_conversion.py);
+    otherwise Linear names as target_modules, and the router weight / fused expert parameters as the
+    target_parameters that conversion would give, fused gate_up at rank and alpha x2."""
+    if setup.get("lora_all_linear"):
+        return {"target_modules": "all-linear"}
+    params = set(setup.get("lora_target_parameters", ()))
+    out: dict[str, Any] = {"target_modules": [t for t in setup["lora_targets_resolved"] if t not in params]}
+    if params:
+        out["target_parameters"] = sorted(p.split(".", 1)[1] if p.startswith("experts.") else f"{p}.weight" for p in params)
+        if "experts.gate_up_proj" in params:
+            out["rank_pattern"] = {r".*\.gate_up_proj": 2 * setup["lora_rank"]}
+            out["alpha_pattern"] = {r".*\.gate_up_proj": 2 * setup["lora_alpha"]}
+    return out
 
 
 def apply_method(model: nn.Module, setup: dict[str, Any]) -> nn.Module:
@@ -113,7 +132,7 @@ def apply_method(model: nn.Module, setup: dict[str, Any]) -> nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method in ("lora", "qlora"):
         cfg = peft.LoraConfig(r=setup["lora_rank"], lora_alpha=setup["lora_alpha"], lora_dropout=setup["lora_dropout"],
-                              target_modules=list(setup["lora_targets_resolved"]), task_type="CAUSAL_LM")
+                              task_type="CAUSAL_LM", **lora_targets(setup))
         model = peft.get_peft_model(model, cfg)
     elif method == "prefix":
         cfg = peft.PrefixTuningConfig(num_virtual_tokens=setup["prefix_tokens"], task_type="CAUSAL_LM",

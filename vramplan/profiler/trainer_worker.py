@@ -24,6 +24,7 @@ import tempfile
 import time
 from typing import Any
 
+from vramplan.profiler.build import lora_targets
 from vramplan.profiler.trainer_dist import (
     builds_under_zero3,
     host_rss,
@@ -99,7 +100,7 @@ def lora_config(setup: dict[str, Any]) -> Any:
     import peft
 
     return peft.LoraConfig(r=setup["lora_rank"], lora_alpha=setup["lora_alpha"], lora_dropout=setup["lora_dropout"],
-                           target_modules=list(setup["lora_targets_resolved"]), task_type="CAUSAL_LM",
+                           task_type="CAUSAL_LM", **lora_targets(setup),
                            use_dora=bool(setup.get("use_dora")))
 
 
