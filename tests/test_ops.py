@@ -99,7 +99,7 @@ def test_every_tensor_has_a_name_a_dtype_a_lifetime_and_bytes(model, opts):
     for _, tensors in _ops(model, **opts).items():
         for t in tensors:
             assert t.name and t.coef > 0 and t.per in PER, t
-            assert t.dtype in ("fp32", "bf16", "fp16", "bool"), t
+            assert t.dtype in ("fp32", "bf16", "fp16", "bool", "int64"), t
             assert t.lifetime in (SAVED, SAVED_FOR_INPUT_GRAD, RETAINED, FORWARD, BACKWARD), t
 
 
@@ -110,7 +110,7 @@ PINNED = [
     ("llama-3.2-1b", {"trainer": "hf", "method": "lora", "use_dora": True}, (595853312, 503316480, 0, 579076096)),
     ("gpt2", {"method": "full", "dtype": "fp32", "precision": "fp32", "attn": "eager", "batch_size": 4, "seq_len": 512},
      (292552704, 75497472, 0, 292552704)),
-    ("mixtral-8x7b", {"method": "full", "batch_size": 1, "seq_len": 2048}, (713424896, 352321536, 0, 713424896)),
+    ("mixtral-8x7b", {"method": "full", "batch_size": 1, "seq_len": 2048}, (713392128, 201326592, 0, 713392128)),
     ("qwen3-0.6b", {"method": "lora", "dtype": "int8", "seq_len": 512}, (169869312, 37748736, 29360128, 165675008)),
     ("gemma-2-2b", {"method": "full", "precision": "mixed", "batch_size": 1}, (187203584, 56623104, 0, 187203584)),
     ("qwen2.5-0.5b", {"method": "prefix", "batch_size": 3, "seq_len": 1000}, (137061000, 87552000, 0, 126309000)),
@@ -120,9 +120,11 @@ PINNED = [
 
 @pytest.mark.parametrize(("model", "opts", "figures"), PINNED, ids=lambda x: str(x))
 def test_layer_figures_stay_pinned(model, opts, figures):
-    """Pinned from the single-function model (issue 12), then changed on purpose once: a
-    transient no longer meets the saved tensors of the operations after it (gpt2, int8, qlora rows),
-    and DoRA's forward transients count its identity matrix (dora row)."""
+    """Pinned from the single-function model (issue 12), then changed on purpose: a transient no
+    longer meets the saved tensors of the operations after it (gpt2, int8, qlora rows), DoRA's
+    forward transients count its identity matrix (dora row), and MoE layers are the experts'
+    operations read off the m1-* traces (mixtral row: int64 router indices instead of fp32 logits,
+    the up/gate/down backward moments instead of one)."""
     spec, lay, s = _setup(model, **opts)
     layer = layer_activations(spec.arch, lay, s)
     first = layer_activations(spec.arch, lay, s, first_layer=True)
@@ -162,7 +164,7 @@ def test_last_layer_backward_holds_every_kept_input_beside_the_recomputed_layer(
     spec, lay, s = _setup("qwen2.5-1.5b", method="lora", trainer="trl", grad_checkpointing=True)
     a = activation_terms(spec.arch, lay, s, stream_dtypes(s))
     e = estimate_setup(spec, s)
-    assert e.terms["acts_bwd_top"] == a.layers_saved + a.layer.saved + a.layer.transient
+    assert e.terms["acts_bwd_top"] == a.layers_saved + a.last.saved + a.last.transient
     assert a.layers_saved == lay.layers * a.ckpt_input
 
 
@@ -237,11 +239,60 @@ def test_prefix_keys_and_values_span_the_virtual_tokens():
     assert kv.nbytes(d) == d.tokens * (kv.coef * d.span // d.seq)
 
 
-def test_moe_router_saves_fp32_logits_and_softmax_per_expert():
+def test_moe_router_saves_fp32_probabilities_per_expert_and_int64_indices_per_routed_expert():
     spec, lay, s = _setup("mixtral-8x7b", method="full")
     mlp = {t.name: t for t in dict(layer_tensors(spec.arch, lay, s))["mlp"]}
-    for name in ("router.logits", "router.softmax"):
-        assert (mlp[name].nbytes(dims_of(s)), mlp[name].dtype) == (4 * spec.arch.n_experts * s.tokens, "fp32")
+    d, a = dims_of(s), spec.arch
+    assert (mlp["router.probs"].nbytes(d), mlp["router.probs"].dtype) == (4 * a.n_experts * s.tokens, "fp32")
+    assert (mlp["router.indices"].nbytes(d), mlp["router.indices"].dtype) == (8 * a.experts_per_token * s.tokens, "int64")
+
+
+def _names(model, op, **opts):
+    return {t.name: t for t in _ops(model, **opts)[op]}
+
+
+def test_grouped_experts_save_a_matmuls_input_only_where_its_weight_has_a_gradient():
+    full = _names("qwen3-30b-a3b", "experts_up", method="full")
+    assert "experts.gate_up.input" in full and "experts.product" in _names("qwen3-30b-a3b", "experts_down", method="full")
+    attn_only = _ops("qwen3-30b-a3b", method="lora", lora_targets="attention")
+    assert not [t for t in attn_only["experts_up"] + attn_only["experts_down"] if t.lifetime == SAVED]
+    # the gate's tensors and the routed output are saved whatever trains
+    assert {"experts.gate_up.output", "experts.act"} <= set(_names("qwen3-30b-a3b", "experts_gate", method="lora",
+                                                                   lora_targets="attention"))
+
+
+def test_lora_on_fused_experts_saves_peft_merged_weight_and_its_gradient_per_parameter():
+    spec, lay, s = _setup("qwen3-30b-a3b", method="lora")  # all-linear: router and both fused experts
+    ops, a = dict(layer_tensors(spec.arch, lay, s)), spec.arch
+    merged = {t.name: t for t in ops["experts_down"] if t.name.startswith("experts.down_proj.merged_weight")}
+    numel = a.n_experts * a.hidden * a.moe_intermediate
+    assert merged["experts.down_proj.merged_weight"].nbytes(dims_of(s)) == 2 * numel
+    assert merged["experts.down_proj.merged_weight.grad"].lifetime == BACKWARD
+
+
+def test_llama4_experts_run_every_token_through_every_expert():
+    spec, _, s = _setup("llama-4-scout", method="lora")
+    a, d = spec.arch, dims_of(s)
+    gate = _names("llama-4-scout", "experts_gate", method="lora")
+    assert gate["experts.gate_up.output"].nbytes(d) == 2 * a.n_experts * 2 * a.intermediate * s.tokens
+    assert _names("llama-4-scout", "mlp", method="lora")["experts.repeated_input"].nbytes(d) == 2 * a.n_experts * a.hidden * s.tokens
+
+
+def test_gpt_oss_runs_eager_attention_saving_only_its_16bit_probabilities():
+    att = _names("gpt-oss-20b", "attention", method="lora")
+    scores = [t for t in att.values() if t.per == SCORES and t.lifetime == SAVED]
+    assert [(t.name, t.dtype) for t in scores] == [("attn_probs_with_sinks", "bf16")]
+
+
+def test_a_dense_first_layer_of_an_moe_model_costs_a_dense_mlp():
+    from vramplan.activations import stack_activations
+
+    spec, lay, s = _setup("moonlight-16b-a3b", method="full")
+    dense, moe = lay.groups[0], lay.groups[1]
+    assert (dense.count, dense.moe, moe.moe) == (1, False, True)
+    acts = {g.moe: layer_activations(spec.arch, lay, s, group=g) for g in lay.groups}
+    assert acts[False].saved != acts[True].saved
+    assert stack_activations(spec.arch, lay, s).saved == acts[False].saved + (spec.arch.layers - 1) * acts[True].saved
 
 
 def test_backward_peak_is_the_first_largest_moment_counting_carried_gradients():

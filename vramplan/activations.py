@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from vramplan.arch import ArchConfig
 from vramplan.heads import HeadActs, hf_loss_head, liger_flce_head, trl_fused_head
-from vramplan.layout import Layout
+from vramplan.layout import LayerGroup, Layout
 from vramplan.ops import (
     FIXED,
     LAYER_OPS,
@@ -52,6 +52,7 @@ __all__ = [
     "layer_sizes",
     "layer_tensors",
     "micro_batch_tokens",
+    "stack_activations",
     "stream_dtypes",
     "trainer_autocast",
 ]
@@ -67,11 +68,11 @@ class LayerActs:
     input_grad_only: int = 0  # part of `saved` kept only for the gradient of the layer's input
 
 
-def layer_tensors(arch: ArchConfig, lay: Layout, setup: Setup) -> OpTensors:
-    """Every operation of one decoder layer with the tensors it keeps; their bytes at the
-    setup's micro-batch are `t.nbytes(dims_of(setup))`."""
+def layer_tensors(arch: ArchConfig, lay: Layout, setup: Setup, group: LayerGroup | None = None) -> OpTensors:
+    """Every operation of one decoder layer (of `group`; default the most numerous layer type)
+    with the tensors it keeps; their bytes at the setup's micro-batch are `t.nbytes(dims_of(setup))`."""
     dt = stream_dtypes(setup)
-    c = op_context(arch, lay, setup, dt=dt, kernel=attention_kernel(arch, setup, dt))
+    c = op_context(arch, lay, setup, dt=dt, kernel=attention_kernel(arch, setup, dt), group=group)
     return tuple([(name, op(c)) for name, op in LAYER_OPS])
 
 
@@ -118,7 +119,7 @@ class LayerSizes:
 # The operations of LAYER_OPS that run one after another through the layer; the rest (DoRA, the
 # LoRA input cast, int8 inputs) are spread over every targeted module and never count as freed.
 SEQUENTIAL_OPS = ("input_norm", "qkv_proj", "qk_norm", "attention", "o_proj", "sandwich_norms", "residual_dropout",
-                  "mlp_norm", "mlp")
+                  "mlp_norm", "mlp", "experts_up", "experts_gate", "experts_down", "routing_weights", "shared_experts")
 
 
 # The operations of LAYER_OPS that are RMSNorms (their fp32 input copy is saved by pow and by mul).
@@ -165,18 +166,20 @@ def first_layer_needs_input_grad(setup: Setup) -> bool:
 # computed once per arch, layout (identities, kept in the value as vramplan.layout caches layouts)
 # and setup without those two; a planner's bisection over them reuses one. Cleared at _CACHE_MAX.
 _SHAPELESS = attrgetter(*(f for f in Setup.__dataclass_fields__ if f not in ("batch_size", "seq_len")))
-_SIZES_CACHE: dict[tuple[int, int, tuple[Any, ...]], tuple[ArchConfig, Layout, LayerSizes]] = {}
+_SIZES_CACHE: dict[tuple[int, int, int, tuple[Any, ...]], tuple[ArchConfig, Layout, LayerSizes]] = {}
 _CACHE_MAX = 4096
 
 
-def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, first_layer: bool = False) -> LayerActs:
-    """Bytes one decoder layer saves for backward (whole micro-batch), and its backward transient."""
-    key = (id(arch), id(lay), _SHAPELESS(setup))
+def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, first_layer: bool = False,
+                      group: LayerGroup | None = None) -> LayerActs:
+    """Bytes one decoder layer (of `group`; default the most numerous layer type) saves for
+    backward (whole micro-batch), and its backward transient."""
+    key = (id(arch), id(lay), id(group), _SHAPELESS(setup))
     hit = _SIZES_CACHE.get(key)
     if hit is not None and hit[0] is arch and hit[1] is lay:
         sizes = hit[2]
     else:
-        sizes = layer_sizes(layer_tensors(arch, lay, setup))
+        sizes = layer_sizes(layer_tensors(arch, lay, setup, group))
         if len(_SIZES_CACHE) >= _CACHE_MAX:
             _SIZES_CACHE.clear()
         _SIZES_CACHE[key] = (arch, lay, sizes)
@@ -184,6 +187,32 @@ def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, first_laye
     if first_layer and not first_layer_needs_input_grad(setup):
         return LayerActs(saved=layer.saved - layer.input_grad_only, transient=layer.transient, retained=layer.retained)
     return layer
+
+
+@dataclass(frozen=True)
+class StackActs:
+    """The decoder stack's layers by type (vramplan.layout.LayerGroup): dense and MoE layers,
+    sliding and full attention each save their own."""
+
+    first: LayerActs  # the first layer (without what only its input's gradient needs, when nothing before it trains)
+    last: LayerActs  # the last layer: the first one backward reaches
+    saved: int  # every layer's saved tensors, the first as `first`
+    retained: int  # every layer's graph-held tensors
+
+
+def stack_activations(arch: ArchConfig, lay: Layout, setup: Setup) -> StackActs:
+    groups = lay.groups or (None,)
+    acts = [(g, layer_activations(arch, lay, setup, group=g)) for g in groups]
+    first_g = min(acts, key=lambda ga: ga[0].first if ga[0] is not None else 0)
+    last_g = max(acts, key=lambda ga: ga[0].last if ga[0] is not None else 0)
+    first = layer_activations(arch, lay, setup, first_layer=True, group=first_g[0])
+    if lay.groups:
+        saved = sum(g.count * a.saved for g, a in acts) - first_g[1].saved + first.saved
+        retained = sum(g.count * a.retained for g, a in acts)
+    else:
+        saved = first_g[1].saved * (lay.layers - 1) + first.saved
+        retained = first_g[1].retained * lay.layers
+    return StackActs(first=first, last=last_g[1], saved=saved, retained=retained)
 
 
 def head_activations(arch: ArchConfig, setup: Setup, dt: Dtypes) -> HeadActs:

@@ -175,6 +175,42 @@ def peak_reserved_bytes(*, peak_allocated_bytes: int, pools: StepPools, expandab
 
 
 # --------------------------------------------------------------------------------------------
+# Side-stream pools and first-step flat tensors (DeepSpeed ZeRO)
+# --------------------------------------------------------------------------------------------
+def side_stream_pool_bytes(*, tensor_bytes: Iterable[int]) -> int:
+    """Segments of tensors allocated while another CUDA stream is current. The caching allocator
+    keeps free blocks per stream: `get_free_block` looks them up by (stream, size)
+    (CUDACachingAllocator.cpp BlockComparatorSize orders by stream first), so a block first
+    allocated on a side stream is only ever reused by requests made on that stream. Its segment
+    is reserved beside the default stream's pool, whatever that pool holds at its peak."""
+    return packed_segment_bytes(tensor_bytes=tensor_bytes)
+
+
+def first_step_flat_bytes(*, flat_bytes: int, states: int, vocab_block_bytes: int, activation_block_bytes: int) -> int:
+    """Reserved beyond the steady peak plus the micro-batch's own slack when an optimizer keeps its
+    states as a few flat tensors of `flat_bytes` each (DeepSpeed ZeRO: one fp32 partition per
+    parameter group or sub-group) created in the first step's optimizer step, beside an fp32
+    gradient partition of the same size, after the first backward freed its blocks:
+    - one that fits a freed activation block (at most `activation_block_bytes`) is carved from it:
+      nothing beyond the single-GPU rules;
+    - one that fits only a freed vocabulary-sized block (the fp32 logits copy and its gradients,
+      `vocab_block_bytes`) is carved from it by best fit; each of the `states` then strands the
+      whole block, so every later step's vocabulary buffers take fresh segments: the states cost
+      `vocab_block_bytes` each instead of their size (d2-z2-l1b-full-ckpt-b4s2048: reserved grows
+      from step 1 to step 2 by 8016 MiB = 2 x 4008 MiB, its 4 B x tokens x vocab);
+    - one larger than every freed block gets a segment of its own, and the first step's
+      high-water mark is the backward's segments plus states plus the fp32 gradient partition,
+      whose segment later steps' smaller buffers reuse: one `flat_bytes` beyond the steady peak
+      (d2-z1-l1b-full-b4s1024: 2357 MiB partitions against 2004 MiB logits blocks; reserved
+      reaches its final 26984 MiB in step 1, at 17617 MiB allocated)."""
+    if flat_bytes <= activation_block_bytes:
+        return 0
+    if flat_bytes <= vocab_block_bytes:
+        return states * (vocab_block_bytes - flat_bytes)
+    return segment_bytes(size_bytes=flat_bytes)
+
+
+# --------------------------------------------------------------------------------------------
 # Outside the allocator
 # --------------------------------------------------------------------------------------------
 # CUDA context, kernel images and library handles: device used minus peak reserved, 767 MiB in

@@ -25,13 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vramplan.allocator import nccl_bytes
+from vramplan.allocator import first_step_flat_bytes, nccl_bytes, side_stream_pool_bytes
 from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.layout import layout
 from vramplan.optimizers import OPTIMIZERS
 from vramplan.setup import Setup
+from vramplan.streams import micro_batch_tokens
 
 FSDP_MODES = ("full_shard", "shard_grad_op", "no_shard")
 OFFLOADS = ("none", "optimizer", "params")
@@ -253,6 +254,56 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     return gpu, cpu
 
 
+# deepspeed/runtime/zero/config.py (0.19.8): `sub_group_size` defaults to 1e9 elements (the Trainer
+# config of vramplan.profiler.trainer_dist sets the same); stage3.py _create_fp16_sub_groups closes
+# a sub-group of this rank's partition once it holds that many, and steps one sub-group at a time.
+ZERO3_SUB_GROUP_PARAMS = 10**9
+
+
+def zero_overlap_comm(*, stage: int, trainer: str) -> bool:
+    """Whether ZeRO reduces gradients on its own stream: transformers' DeepSpeed config (the
+    Trainer's, vramplan.profiler.trainer_dist) sets overlap_comm; DeepSpeed's default turns it on
+    for stage 3 only (deepspeed/runtime/zero/config.py overlap_comm_valid), which is what the
+    plain loop (vramplan.profiler.dist_worker, overlap_comm False) runs at stages 1 and 2."""
+    return trainer in ("hf", "trl") or stage == 3
+
+
+def zero_reserved_extra_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, trainable_params: int, states: int,
+                              backward_bytes: int, peak_bytes: int) -> int:
+    """Reserved memory of DeepSpeed ZeRO (no offload) beyond its peak allocated plus the
+    micro-batch's allocator slack (vramplan.allocator), from two things DeepSpeed allocates:
+    - ZeRO-1/2 with overlap_comm: reduce_ipg_grads runs copy_grads_in_partition under
+      `with stream(self.reduction_stream)`, so `grads_in_partition` (this rank's 16-bit gradient
+      partition, one flat tensor) is allocated on the reduction stream (stage_1_and_2.py, 0.19.8)
+      and its segment lives in that stream's pool (allocator.side_stream_pool_bytes), freed after
+      each step but never reusable by the default stream's tensors;
+    - the fp32 gradient partition and the optimizer's states are flat tensors, one per parameter
+      group (stage_1_and_2.py single_partition_of_fp32_groups; torch's Adam states are zeros_like
+      that flat parameter) or per sub-group at stage 3, made in the first step's optimizer step
+      (allocator.first_step_flat_bytes). The Trainer's no-decay group (norms, biases) is left out.
+    The first step's high-water mark is its backward (the steady backward less the states) plus
+    the new segments, so a segment-sized extra counts only where it passes the steady peak."""
+    if par.engine != "deepspeed" or par.offload != "none":
+        return 0
+    part = trainable_params // par.world
+    pool = 0
+    if par.zero in (1, 2) and zero_overlap_comm(stage=par.zero, trainer=setup.trainer):
+        pool = side_stream_pool_bytes(tensor_bytes=[2 * part])
+    flat = 4 * (min(part, ZERO3_SUB_GROUP_PARAMS) if par.zero == 3 else part)
+    # heads.hf_loss_head: logits.float(), the log_softmax output and its gradients, each
+    # 4 B x tokens x vocab; TRL's and Liger's fused heads make no vocabulary-sized tensor
+    tokens = micro_batch_tokens(setup)
+    vocab_block = 0 if setup.trainer == "trl" or setup.liger else 4 * spec.arch.vocab * tokens
+    # the largest activation block: an MLP projection's output, tokens x intermediate in bf16
+    # (ZeRO runs the model in bf16, ENGINE_PRECISION)
+    act_block = 2 * tokens * max(spec.arch.intermediate, spec.arch.dense_intermediate)
+    first = first_step_flat_bytes(flat_bytes=flat, states=states, vocab_block_bytes=vocab_block,
+                                  activation_block_bytes=act_block)
+    if flat > vocab_block and first:  # own segments: the first step's backward plus the fp32 gradient
+        first = max(0, backward_bytes + first - peak_bytes)
+    return pool + first
+
+
 def _nccl_engine(par: Parallel) -> str:
     if par.engine != "deepspeed":
         return "torch"
@@ -278,6 +329,8 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     peak = phases[peak_phase]
     # the micro-batch's allocator slack (vramplan.allocator: same logits/activation sizes per GPU)
     reserved = peak + single.peak_reserved_bytes - single.peak_allocated_bytes
+    reserved += zero_reserved_extra_bytes(spec, setup, par, trainable_params=m.psi, states=m.states,
+                                          backward_bytes=phases["backward"], peak_bytes=peak)
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())

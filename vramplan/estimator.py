@@ -9,12 +9,12 @@ from typing import Any, NamedTuple
 from vramplan.activations import (
     Dtypes,
     LayerActs,
+    attention_kernel,
     checkpoint_bytes,
-    first_layer_needs_input_grad,
     head_activations,
-    layer_activations,
     micro_batch_tokens,
     offload_kept_bytes,
+    stack_activations,
     stream_dtypes,
 )
 from vramplan.allocator import DEFAULT_CUDA_CONTEXT_BYTES, peak_reserved_bytes, same_shape_state_copies, step_pools
@@ -59,6 +59,7 @@ class Estimate:
     peak_reserved_bytes: int
     device_total_bytes: int
     outside_allocator: dict[str, int] = field(default_factory=dict)  # where -> bytes
+    attention: str = ""  # the attention kernel the model runs (vramplan.streams.attention_kernel)
     # the model's terms, for engines that rearrange model states (vramplan.distributed)
     terms: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -70,6 +71,7 @@ class Estimate:
         return {
             "model": {"name": self.model, "params_total": self.params_total, "params_trainable": self.params_trainable},
             "setup": self.setup.to_dict(),
+            "attention_kernel": self.attention,
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "device_total_bytes": self.device_total_bytes,
@@ -108,7 +110,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
         breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved,
         device_total_bytes=reserved + sum(v for k, v in outside.items() if k != HOST_ACTIVATIONS),
-        outside_allocator=outside,
+        outside_allocator=outside, attention=attention_kernel(spec.arch, setup, dt).name,
         terms={"weights": st.base.total, "adapters": st.adapters, "grads": st.grads, "opt_states": st.opt.in_allocator,
                "opt_transient": st.opt.step_transient, "workspace": CUBLAS_WORKSPACE_BYTES,
                "acts_fwd_peak": fwd.total - fwd.carried, "acts_bwd_loss": at_loss.total - at_loss.carried,
@@ -165,7 +167,8 @@ def model_states(spec: ModelSpec, lay: Layout, setup: Setup) -> ModelStates:
 class ActivationTerms:
     """The step's activations (bytes, whole micro-batch): layers, LM head, and their companions."""
 
-    layer: LayerActs  # one (non-first) decoder layer
+    layer: LayerActs  # the first decoder layer: the last one backward runs
+    last: LayerActs  # the last decoder layer: the first one backward runs (recomputed first under checkpointing)
     head: HeadActs
     hold: int  # the model output (logits) the loop holds through backward and step
     ckpt_input: int  # per layer under checkpointing: its kept input; else 0
@@ -181,15 +184,11 @@ class ActivationTerms:
 
 
 def activation_terms(arch: ArchConfig, lay: Layout, setup: Setup, dt: Dtypes) -> ActivationTerms:
-    layer = layer_activations(arch, lay, setup)
+    stack = stack_activations(arch, lay, setup)
     head = head_activations(arch, setup, dt)
     # under checkpointing each layer keeps only its input, and the one being recomputed its own
     ckpt_input = checkpoint_input_bytes(arch, setup, dt)
-    if setup.grad_checkpointing:
-        layers_saved = ckpt_input * lay.layers
-    else:
-        first = layer.saved if first_layer_needs_input_grad(setup) else layer.saved - layer.input_grad_only
-        layers_saved = layer.saved * (lay.layers - 1) + first
+    layers_saved = ckpt_input * lay.layers if setup.grad_checkpointing else stack.saved
     host = 0
     if setup.activation_offload:
         # TRL activation_offloading (trl/models/activation_offloading.py OffloadActivations): every
@@ -203,9 +202,9 @@ def activation_terms(arch: ArchConfig, lay: Layout, setup: Setup, dt: Dtypes) ->
             dup, working = offload_kept_bytes(arch, lay, setup)
             layers_saved = dup * lay.layers + working
         host -= min(host, layers_saved)
-    return ActivationTerms(layer=layer, head=head, hold=head.logits if setup.hold_outputs else 0, ckpt_input=ckpt_input,
-                           layers_saved=layers_saved, host=host, autocast_cache=autocast_weight_cache_bytes(arch, lay, dt),
-                           retained=layer.retained * lay.layers)
+    return ActivationTerms(layer=stack.first, last=stack.last, head=head, hold=head.logits if setup.hold_outputs else 0,
+                           ckpt_input=ckpt_input, layers_saved=layers_saved, host=host,
+                           autocast_cache=autocast_weight_cache_bytes(arch, lay, dt), retained=stack.retained)
 
 
 def checkpoint_input_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:
@@ -285,7 +284,7 @@ def step_moments(st: ModelStates, a: ActivationTerms, *, emb_grad: int, top_grad
     step = Moment(grads, a.retained, a.hold, st.opt.step_transient)
     if not a.ckpt_input:
         return forward, (at_loss, late, end), step
-    top = Moment(top_grads, a.retained + a.layers_saved + layer.saved, a.hold, layer.transient, carried=st.accum)
+    top = Moment(top_grads, a.retained + a.layers_saved + a.last.saved, a.hold, a.last.transient, carried=st.accum)
     return forward, (at_loss, late, end, top), step
 
 
@@ -314,7 +313,7 @@ def reserved_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates,
         trainable_copies=(1 + same_shape_state_copies(optimizer=setup.optimizer)) if tr.base_trainable else 0,
         trainable_bytes_per_param=tr.bytes_per_param, persistent_bytes=st.steady + st.accum + a.retained,
         vocab_peak_bytes=head.saved + max(head.logits + head.fwd_transient, a.hold + head.bwd_transient),
-        activation_peak_bytes=a.total - head.saved - a.retained + (a.layer.saved + a.layer.transient if setup.grad_checkpointing else 0),
+        activation_peak_bytes=a.total - head.saved - a.retained + (a.last.saved + a.last.transient if setup.grad_checkpointing else 0),
         param_shaped_peak_bytes=st.grads + max(opt.step_transient, emb_grad),
         split_vocab_bytes=split_vocab_bytes(arch, setup, a)))
 

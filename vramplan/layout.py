@@ -47,6 +47,7 @@ class LayerGroup:
 
     count: int
     first: int  # index of its first layer
+    last: int  # index of its last layer (its layers need not be adjacent)
     linears: tuple[LinearModule, ...]  # nn.Linear modules (peft "all-linear" candidates)
     param_targets: tuple[ParamTarget, ...]  # fused params peft targets under its MoE conversion
     params: int  # all parameters of one layer
@@ -142,14 +143,14 @@ def _param_targets(spec: ModelSpec, ts: list[TensorSpec]) -> tuple[ParamTarget, 
     return tuple(out)
 
 
-def _group(spec: ModelSpec, i: int, ts: list[TensorSpec], count: int) -> LayerGroup:
+def _group(spec: ModelSpec, i: int, ts: list[TensorSpec], count: int, last: int) -> LayerGroup:
     a = spec.arch
     linears = _linears(spec, ts)
     params = sum(t.numel for t in ts)
     att = a.attention_of(i)
     qn = next((t.numel for t in ts if t.module == "q_norm"), 0)
     return LayerGroup(
-        count=count, first=i, linears=linears, param_targets=_param_targets(spec, ts), params=params,
+        count=count, first=i, last=last, linears=linears, param_targets=_param_targets(spec, ts), params=params,
         dense_other=params - sum(lm.numel for lm in linears), biases=sum(t.numel for t in ts if t.kind == "bias"),
         expert_params=sum(t.numel for t in ts if t.module == "experts"), attention=att,
         router_params=sum(t.numel for t in ts if t.kind == "router" and not t.linear),
@@ -168,7 +169,7 @@ def _groups(spec: ModelSpec) -> tuple[LayerGroup, ...]:
     for i, ts in by_layer.items():
         sig = tuple((t.name.split(f".{i}.", 1)[-1], t.shape) for t in ts)
         keys.setdefault((sig, a.attention_of(i), a.rope_of(i)), []).append(i)
-    return tuple(_group(spec, idx[0], by_layer[idx[0]], len(idx)) for idx in keys.values())
+    return tuple(_group(spec, idx[0], by_layer[idx[0]], len(idx), idx[-1]) for idx in keys.values())
 
 
 def _layout(spec: ModelSpec) -> Layout:

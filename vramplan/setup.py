@@ -197,6 +197,9 @@ def _check_flash_attention(model: ModelSpec, setup: Setup) -> None:
 
     if setup.method == "prefix":
         raise VramplanError("attn flash (FlashAttention-2) with prefix tuning's attention mask is not modelled; use --attn sdpa")
+    if model.arch.attn_sinks:
+        raise VramplanError(f"attn flash: FlashAttention-2 has no attention sinks, which {model.name} "
+                            f"({model.arch.model_type}) needs; use --attn eager (transformers' default for it)")
     if attention_kernel(model.arch, setup, stream_dtypes(setup)).name != "flash":
         raise VramplanError("attn flash (FlashAttention-2) runs in fp16/bf16 only, and this setup's attention inputs are fp32 "
                             "(precision fp32, or a kbit-prepared quantised base outside Trainer's autocast); use --attn sdpa, "

@@ -76,7 +76,9 @@ def attention_kernel(arch: ArchConfig, setup: Setup, dt: Dtypes) -> AttnKernel:
     kernel (seen: QLoRA traces save b*h*s*s fp32 probabilities)."""
     masked = setup.method == "prefix"  # peft passes a prefix attention mask
     gqa = arch.kv_heads != arch.heads
-    if setup.attn == "eager":
+    if setup.attn == "eager" or arch.attn_sinks:
+        # gpt-oss: no SDPA (GptOssPreTrainedModel._supports_sdpa = False); transformers' default
+        # attention falls back to eager (modeling_utils.py get_correct_attn_implementation)
         return AttnKernel("eager", gqa, False)
     if masked:
         return AttnKernel("efficient", gqa, True)

@@ -44,7 +44,8 @@ def setup_head(e: Any) -> str:
     s = e.setup
     return (f"[bold]{escape(e.model)}[/] · {fmt_count(e.params_total)} params · trainer {s.trainer} · method {s.method} · "
             f"base {s.dtype} · {s.precision} · optimizer {s.optimizer} · batch {s.batch_size} × seq {s.seq_len}"
-            + (" · checkpointing" if s.grad_checkpointing else "") + f" · attn {ATTN_LABELS.get(s.attn, s.attn)}")
+            + (" · checkpointing" if s.grad_checkpointing else "") + f" · attn {ATTN_LABELS.get(s.attn, s.attn)}"
+            + (" → eager (the model has no SDPA)" if s.attn != "eager" and e.attention == "eager" else ""))
 
 
 def estimate_tables(e: Any) -> None:

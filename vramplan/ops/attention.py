@@ -28,12 +28,18 @@ def attention_core(c: OpContext) -> tuple[Saved, ...]:
     a, L, heads = c.arch, c.dt.linear_out, c.arch.heads
     if c.gpt2:
         out = [tok(c, "c_attn.output", L, 3 * a.hidden)]  # q, k, v are views of it
+    elif a.mla:
+        # DeepseekV3Attention.expand_kv: keys are a new [heads x (nope + rope)] tensor; values are a
+        # view of kv_b_proj's output, whose whole [heads x (nope + v)] storage the kernel keeps
+        # (traced: m1-moon-hf-lora-b2s2048, expand_kv and kv_b_proj outputs per layer)
+        out = [tok(c, "query_states.cat", L, a.q_dim),
+               sized(c, "key_states+kv_b_proj.output", SPAN, L, a.q_dim + heads * (a.qk_nope_head_dim + a.v_head_dim))]
     else:
         kv_w = a.q_dim if c.kernel.repeat_kv else a.kv_dim
         out = [tok(c, "query_states.rotated", L, a.q_dim), sized(c, "key_states+value_states", SPAN, L, 2 * kv_w)]
     kernel = c.kernel.name
     if kernel in ("flash", "efficient"):
-        out += (tok(c, "attn_output", L, a.q_dim), sized(c, "logsumexp", ROWS, 4, heads))
+        out += (tok(c, "attn_output", L, _out_width(c)), sized(c, "logsumexp", ROWS, 4, heads))
         if c.kernel.mask_saved:
             out.append(sized(c, "attention_mask", SCORES, L, 1))  # [b, 1, s, s_k]
     elif kernel == "math":
@@ -42,6 +48,13 @@ def attention_core(c: OpContext) -> tuple[Saved, ...]:
         # buffer, all fp32, beside the saved probabilities (traced: probe-l1b-qlora-ckpt-b1s4096,
         # 3 x b*h*s*s*4 bytes at the peak)
         out += (sized(c, f"attn_weights.{n}", SCORES, 4, heads, BACKWARD) for n in ("grad", "scores_grad", "softmax_buffer"))
+    elif c.arch.attn_sinks:
+        # gpt-oss eager_attention_forward (modeling_gpt_oss.py): the sinks are concatenated to the
+        # scores and the softmax runs in the scores' dtype, so the probabilities are the only
+        # score-sized tensor saved (traced: m1-gptoss-hf-lora-b1s2048, 64 x 2048 x 2049 bf16 per
+        # layer); backward: their gradient, the slice's zero-padded copy, the softmax's output
+        out.append(sized(c, "attn_probs_with_sinks", SCORES, L, heads))
+        out += (sized(c, f"attn_probs.{n}", SCORES, L, heads, BACKWARD) for n in ("grad", "grad_padded", "scores_grad"))
     else:  # eager: matmul, softmax (fp32 in Llama-style code, then cast), dropout, matmul
         if not c.gpt2:
             out.append(sized(c, "attn_scores.softmax_fp32", SCORES, 4, heads))
@@ -60,8 +73,13 @@ def o_proj_inputs(c: OpContext) -> tuple[Saved, ...]:
     other kernels leave a contiguous copy for a trainable o_proj."""
     name = "c_proj" if c.gpt2 else "o_proj"
     shared = c.kernel.name in ("flash", "efficient")
-    return linear_inputs(c, ((name, c.arch.q_dim),), in_bytes=c.dt.linear_out, input_name=f"{name}.input",
-                         width=c.arch.q_dim, saved_by_base=c.base and not shared, shared_by_lora=False)
+    return linear_inputs(c, ((name, _out_width(c)),), in_bytes=c.dt.linear_out, input_name=f"{name}.input",
+                         width=_out_width(c), saved_by_base=c.base and not shared, shared_by_lora=False)
+
+
+def _out_width(c: OpContext) -> int:
+    """The attention output's width: heads x v_head_dim under MLA, else the query width."""
+    return c.arch.heads * c.arch.v_head_dim if c.arch.mla else c.arch.q_dim
 
 
 def residual_dropout(c: OpContext) -> tuple[Saved, ...]:

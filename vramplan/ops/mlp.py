@@ -6,16 +6,20 @@ Backward holds the gradients of the widest intermediates."""
 from __future__ import annotations
 
 from vramplan.ops.linear import linear_inputs
-from vramplan.ops.tensors import BACKWARD, OpContext, Saved, tok
+from vramplan.ops.tensors import BACKWARD, FIXED, OpContext, Saved, sized, tok
+from vramplan.streams import trainer_autocast
 
 
 def mlp(c: OpContext) -> tuple[Saved, ...]:
-    block = gpt2_mlp(c) if c.gpt2 else moe_mlp(c) if c.moe else gated_mlp(c)
-    return block + mlp_backward(c)
+    """A dense MLP with its backward, or a routed-experts layer's router (the experts follow as
+    their own operations: experts_up, experts_gate, experts_down, routing_weights, shared_experts)."""
+    if c.moe:
+        return router(c)
+    return (gpt2_mlp(c) if c.gpt2 else gated_mlp(c)) + mlp_backward(c)
 
 
 def gated_mlp(c: OpContext) -> tuple[Saved, ...]:
-    a, L, Iw = c.arch, c.dt.linear_out, c.arch.intermediate
+    a, L, Iw = c.arch, c.dt.linear_out, _dense_width(c)
     norm = a.norm_names[2] if a.norms_per_layer == 4 else a.norm_names[1]
     mods = tuple((m, a.hidden) for m in ("gate_proj", "up_proj", "gate_up_proj") if m in c.mods)
     out = linear_inputs(c, mods, in_bytes=c.dt.norm_out, input_name=f"{norm}.output", width=a.hidden,
@@ -41,31 +45,162 @@ def gpt2_mlp(c: OpContext) -> tuple[Saved, ...]:
                                shared_by_lora=False)
 
 
-def moe_mlp(c: OpContext) -> tuple[Saved, ...]:
-    """Router logits and softmax (fp32, per expert); per routed token its gathered hidden states
-    (two hidden-wide tensors) and the expert's gate/up/act/product; a shared expert's four
-    intermediates and one hidden-wide tensor."""
-    a, L, H = c.arch, c.dt.linear_out, c.arch.hidden
-    k, ie = a.experts_per_token, a.moe_intermediate or a.intermediate
-    out = [tok(c, "experts.input", c.dt.norm_out, H)] if c.base else []
-    out += (tok(c, "router.logits", 4, a.n_experts), tok(c, "router.softmax", 4, a.n_experts))
-    out.append(tok(c, "experts.gathered_states", L, k * 2 * H))
-    out += (tok(c, f"experts.{n}", L, k * ie) for n in ("gate", "up", "act", "product"))
-    if a.shared_expert_intermediate:
-        out += (tok(c, f"shared_expert.{n}", L, a.shared_expert_intermediate) for n in ("gate", "up", "act", "product"))
-        out.append(tok(c, "shared_expert.hidden", L, H))
+def _trains(c: OpContext, param: str) -> bool:
+    """The fused expert parameter `param` has a gradient: full fine-tuning or a LoRA target."""
+    return c.base or f"experts.{param}" in c.lora
+
+
+def router(c: OpContext) -> tuple[Saved, ...]:
+    """The router's saved tensors per token: its input when its weight trains (the MLP norm's
+    output; DeepSeek-V3 routes an fp32 copy), its fp32 probabilities (softmax, or DeepSeek-V3's and
+    Llama 4's sigmoid) and the top-k indices (int64, for the gather's backward). gpt-oss takes the
+    top-k of the raw logits and softmaxes only those (modeling_gpt_oss.py GptOssTopKRouter)."""
+    a, H = c.arch, c.arch.hidden
+    k, E = a.experts_per_token, a.n_experts
+    trains = c.base or a.router_module in c.lora
+    out = [tok(c, "router.indices", 8, k)]
+    out.append(tok(c, "router.probs", 4, k if a.model_type == "gpt_oss" else E))
+    if trains and a.model_type == "deepseek_v3":
+        # F.linear(hidden_states.type(torch.float32), ...): under the trainer's autocast F.linear
+        # casts it back and saves a 16-bit copy (traced: m1-moon-hf-lora-b2s2048, 16 MiB a layer)
+        out.append(tok(c, "router.input_cast", 2 if trainer_autocast(c.setup) else 4, H))
+    shared_in = [(m, H) for m in ("gate_proj", "up_proj") if m in c.lora and a.shared_expert_intermediate]
+    norm = a.norm_names[2] if a.norms_per_layer == 4 else a.norm_names[1]
+    saved = (trains and a.model_type != "deepseek_v3") or (c.base and bool(a.shared_expert_intermediate))
+    out += linear_inputs(c, tuple(shared_in), in_bytes=c.dt.norm_out, input_name=f"{norm}.output", width=H,
+                         saved_by_base=saved, shared_by_lora=True)
+    if a.model_type == "llama4_text":  # hidden_states.repeat(E, 1), saved by the multiply by the scores
+        out.append(tok(c, "experts.repeated_input", c.dt.linear_out, E * H))
+    return tuple(out)
+
+
+# A routed-experts layer's operations in forward order (transformers 5.17 integrations/moe.py
+# grouped_mm_experts_forward over the k routed rows of each token; Llama4TextMoe's torch.bmm over
+# every expert, E rows per token). Backward runs them in reverse, so each one's gradients meet
+# only the tensors saved by the operations before it. torch._grouped_mm and bmm save their input
+# only for a weight that has a gradient. Traced: m1-q3moe-hf-lora-b2s2048, m1-gptoss-hf-lora-b1s2048,
+# m1-l4scout-hf-lora-b1s2048, m1-moon-hf-lora-b2s2048 (per layer: moe.py:445/465, silu, the gate's
+# product, peft's W'; no gathered states with gate_up frozen).
+def _rows(c: OpContext) -> int:
+    return c.arch.n_experts if c.arch.model_type == "llama4_text" else c.arch.experts_per_token
+
+
+def _inter(c: OpContext) -> int:
+    return c.arch.moe_intermediate or c.arch.intermediate
+
+
+def experts_up(c: OpContext) -> tuple[Saved, ...]:
+    """gate_up's input when gate_up trains (the gathered hidden states; Llama 4 the score-scaled
+    repeat), peft's merged gate_up W'; backward: the gradients of its output [2I] and input [H],
+    and W's full-size gradient."""
+    if not c.moe:
+        return ()
+    L, H, rows = c.dt.linear_out, c.arch.hidden, _rows(c)
+    out = [tok(c, "experts.gate_up.input", L, rows * H)] if _trains(c, "gate_up_proj") else []
+    out += merged_expert_weights(c, "gate_up_proj")
+    out += (tok(c, "experts.gate_up.output.grad", L, rows * 2 * _inter(c), BACKWARD),
+            tok(c, "experts.gate_up.input.grad", L, rows * H, BACKWARD))
+    return tuple(out) + _merged_grad(c, "gate_up_proj")
+
+
+def experts_gate(c: OpContext) -> tuple[Saved, ...]:
+    """gate_up's output [2I] (SiLU's input and the product's other factor) and the activation [I];
+    gpt-oss's clamped gate, sigmoid, glu and up + 1 instead (four [I], modeling_gpt_oss.py
+    _apply_gate); backward: the gradients of the gate, the up half and the activation."""
+    if not c.moe:
+        return ()
+    L, rows, inter = c.dt.linear_out, _rows(c), _inter(c)
+    out = [tok(c, "experts.gate_up.output", L, rows * 2 * inter)]
+    names = ("gate_clamped", "sigmoid", "glu", "up_plus_one") if c.arch.model_type == "gpt_oss" else ("act",)
+    out += (tok(c, f"experts.{n}", L, rows * inter) for n in names)
+    out += (tok(c, f"experts.{n}.grad", L, rows * inter, BACKWARD) for n in ("gate", "up", "act"))
+    return tuple(out)
+
+
+def experts_down(c: OpContext) -> tuple[Saved, ...]:
+    """down's input (the product) when down trains, peft's merged down W'; backward: the incoming
+    gradient of its output and (grouped_mm) the masked_fill's copy of it, its input's gradient, W's
+    gradient."""
+    if not c.moe:
+        return ()
+    L, H, rows, inter = c.dt.linear_out, c.arch.hidden, _rows(c), _inter(c)
+    grouped = c.arch.model_type != "llama4_text"
+    out = [tok(c, "experts.product", L, rows * inter)] if _trains(c, "down_proj") else []
+    out += merged_expert_weights(c, "down_proj")
+    out += (tok(c, "experts.down.output.grad", L, (2 if grouped else 1) * rows * H, BACKWARD),
+            tok(c, "experts.down.input.grad", L, rows * inter, BACKWARD))
+    return tuple(out) + _merged_grad(c, "down_proj")
+
+
+def routing_weights(c: OpContext) -> tuple[Saved, ...]:
+    """grouped_mm: the down projection's output [k x H], saved by the multiply by the routing
+    weights (they have a gradient through the router). Llama 4 scales before the experts."""
+    if not c.moe or c.arch.model_type == "llama4_text":
+        return ()
+    return (tok(c, "experts.down.output", c.dt.linear_out, c.arch.experts_per_token * c.arch.hidden),)
+
+
+def merged_expert_weights(c: OpContext, param: str) -> tuple[Saved, ...]:
+    """peft 0.21 ParamWrapper on a fused parameter: forward folds the adapter in with one
+    torch.baddbmm(W, B, A) into a full-size W' (peft/tuners/lora/layer.py _LoraFactorsProxy), which
+    the expert matmul saves for its input's gradient, plus the 16-bit casts of the two factors
+    (traced: m1-q3moe-hf-lora-b2s2048, layer.py:2296 a [E, H, I] down_proj copy per layer)."""
+    if not c.lora or c.group is None:
+        return ()
+    wb = 4 if (c.setup.precision in ("fp32", "mixed") or (c.setup.quantised and c.setup.kbit_prepare)) else 2
+    out = []
+    for pt in c.group.param_targets:
+        if pt.module == f"experts.{param}" and pt.module in c.lora:
+            r = c.setup.lora_rank * pt.rank_mult
+            out.append(sized(c, f"{pt.module}.merged_weight", FIXED, wb, pt.experts * pt.d_in * pt.d_out))
+            out.append(sized(c, f"{pt.module}.lora_factors_cast", FIXED, wb, pt.experts * r * (pt.d_in + pt.d_out)))
+    return tuple(out)
+
+
+def shared_experts(c: OpContext) -> tuple[Saved, ...]:
+    """Shared experts: a gated MLP over every token (gate, act, up outputs; down's input where
+    down trains), and Qwen2-MoE's sigmoid gate saving the shared output."""
+    a, L, width = c.arch, c.dt.linear_out, c.arch.shared_expert_intermediate
+    if not width:
+        return ()
+    out = [tok(c, f"shared_expert.{n}", L, width) for n in ("gate", "act", "up")]
+    out += linear_inputs(c, (("down_proj", width),), in_bytes=L, input_name="shared_expert.down_proj.input",
+                         width=width, saved_by_base=c.base, shared_by_lora=False)
+    if a.shared_expert_gate:
+        out.append(tok(c, "shared_expert.output", L, a.hidden))
     return tuple(out)
 
 
 def mlp_backward(c: OpContext) -> tuple[Saved, ...]:
-    """One layer's backward: the gradients of the widest intermediates (gate, up, act; all routed
-    experts' at once) exist together while its saved tensors are still alive."""
-    width = (c.arch.moe_intermediate or c.arch.intermediate) * (c.arch.experts_per_token or 1)
+    """One layer's backward: the gradients of the widest intermediates (gate, up, act; every
+    routed row's at once) exist together while its saved tensors are still alive."""
+    a, L = c.arch, c.dt.linear_out
+    if c.moe:
+        rows = a.n_experts if a.model_type == "llama4_text" else a.experts_per_token
+        width = (a.moe_intermediate or a.intermediate) * rows
+    else:
+        width = _dense_width(c)
     if c.setup.liger and not c.moe and not c.gpt2:
         # swiglu_backward writes the gate and up gradients into the saved a and b in place: only
         # the incoming gradient of the product is new
-        return (tok(c, "mlp.product.grad", c.dt.linear_out, width, BACKWARD),)
-    return tuple(tok(c, f"mlp.{n}.grad", c.dt.linear_out, width, BACKWARD) for n in ("gate", "up", "act"))
+        return (tok(c, "mlp.product.grad", L, width, BACKWARD),)
+    return tuple(tok(c, f"mlp.{n}.grad", L, width, BACKWARD) for n in ("gate", "up", "act"))
+
+
+def _merged_grad(c: OpContext, param: str) -> tuple[Saved, ...]:
+    """W's full-size gradient of a LoRA-targeted fused parameter, until baddbmm's backward
+    reduces it to the factors."""
+    return tuple(t._replace(name=f"{t.name}.grad", lifetime=BACKWARD) for t in merged_expert_weights(c, param)
+                 if t.name.endswith("merged_weight"))
+
+
+def _dense_width(c: OpContext) -> int:
+    """A dense MLP's intermediate width, read off its Linears (DeepSeek-V3's dense first layers and
+    Llama 4's interleaved dense layers are wider than the experts)."""
+    for m, div in (("gate_proj", 1), ("gate_up_proj", 2), ("c_fc", 1)):
+        if m in c.mods:
+            return c.mods[m].d_out // div
+    return c.arch.intermediate
 
 
 def ia3(c: OpContext) -> tuple[Saved, ...]:

@@ -76,11 +76,18 @@ def _materialise(model: nn.Module, dtype: torch.dtype, device: torch.device) -> 
                 setattr(mod, pname, nn.Parameter(t, requires_grad=p.requires_grad))
 
 
+def attn_implementation(setup: dict[str, Any]) -> str | None:
+    """What from_config gets: "sdpa" is transformers' default (None), which falls back to eager
+    for a model without SDPA (gpt-oss), as vramplan.streams.attention_kernel does; "flash" is
+    SDPA's flash kernel (the image has no flash-attn package); "eager" as given."""
+    return None if setup["attn"] in ("sdpa", "flash") else setup["attn"]
+
+
 def build_model(setup: dict[str, Any], device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     cfg = _hf_config(setup)
-    attn = {"flash": "sdpa"}.get(setup["attn"], setup["attn"])  # flash = SDPA's flash kernel (no flash-attn pkg)
+    attn = attn_implementation(setup)
     if setup["dtype"] not in ("int8", "nf4", "fp4"):
         with device:
             return AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype(setup), attn_implementation=attn)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Any
 
-from vramplan.profiler.build import lora_targets
+from vramplan.profiler.build import attn_implementation, lora_targets
 from vramplan.profiler.trainer_dist import (
     builds_under_zero3,
     host_rss,
@@ -80,7 +80,7 @@ def build_trainer_model(setup: dict[str, Any], device: Any, tmp: str) -> Any:
 
     cfg = AutoConfig.for_model(**setup["hf_config"])
     cfg.use_cache = False
-    attn = {"flash": "sdpa"}.get(setup["attn"], setup["attn"])
+    attn = attn_implementation(setup)
     if device is None:  # ZeRO-3: deepspeed.zero.Init places each partition itself
         return AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype(setup), attn_implementation=attn)
     if setup["dtype"] not in ("int8", "nf4", "fp4"):
