@@ -200,19 +200,36 @@ class StackActs:
     retained: int  # every layer's graph-held tensors
 
 
+_STACK_CACHE: dict[tuple[int, int, tuple[Any, ...]], tuple[ArchConfig, Layout, tuple[tuple[LayerGroup | None, LayerSizes], ...]]] = {}
+
+
+def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup) -> tuple[tuple[LayerGroup | None, LayerSizes], ...]:
+    """Each layer type's sizes, once per arch, layout and shape-free setup (as layer_activations)."""
+    key = (id(arch), id(lay), _SHAPELESS(setup))
+    hit = _STACK_CACHE.get(key)
+    if hit is not None and hit[0] is arch and hit[1] is lay:
+        return hit[2]
+    sizes = tuple((g, layer_sizes(layer_tensors(arch, lay, setup, g))) for g in (lay.groups or (None,)))
+    if len(_STACK_CACHE) >= _CACHE_MAX:
+        _STACK_CACHE.clear()
+    _STACK_CACHE[key] = (arch, lay, sizes)
+    return sizes
+
+
 def stack_activations(arch: ArchConfig, lay: Layout, setup: Setup) -> StackActs:
-    groups = lay.groups or (None,)
-    acts = [(g, layer_activations(arch, lay, setup, group=g)) for g in groups]
-    first_g = min(acts, key=lambda ga: ga[0].first if ga[0] is not None else 0)
-    last_g = max(acts, key=lambda ga: ga[0].last if ga[0] is not None else 0)
-    first = layer_activations(arch, lay, setup, first_layer=True, group=first_g[0])
-    if lay.groups:
-        saved = sum(g.count * a.saved for g, a in acts) - first_g[1].saved + first.saved
-        retained = sum(g.count * a.retained for g, a in acts)
-    else:
-        saved = first_g[1].saved * (lay.layers - 1) + first.saved
-        retained = first_g[1].retained * lay.layers
-    return StackActs(first=first, last=last_g[1], saved=saved, retained=retained)
+    d = dims_of(setup)
+    acts = [(g, layer_figures(sz, d)) for g, sz in _stack_sizes(arch, lay, setup)]
+    first_g, first_full = min(acts, key=lambda ga: ga[0].first if ga[0] is not None else 0)
+    last = max(acts, key=lambda ga: ga[0].last if ga[0] is not None else 0)[1]
+    first = first_full
+    if not first_layer_needs_input_grad(setup):  # as layer_activations(first_layer=True)
+        first = LayerActs(saved=first_full.saved - first_full.input_grad_only, transient=first_full.transient,
+                          retained=first_full.retained)
+    if first_g is None:
+        return StackActs(first=first, last=last, saved=first_full.saved * (lay.layers - 1) + first.saved,
+                         retained=first_full.retained * lay.layers)
+    return StackActs(first=first, last=last, saved=sum(g.count * a.saved for g, a in acts) - first_full.saved + first.saved,
+                     retained=sum(g.count * a.retained for g, a in acts))
 
 
 def head_activations(arch: ArchConfig, setup: Setup, dt: Dtypes) -> HeadActs:
