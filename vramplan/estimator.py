@@ -283,7 +283,11 @@ def step_moments(st: ModelStates, a: ActivationTerms, *, emb_grad: int, top_grad
     end = Moment(grads, a.retained, a.hold, emb_grad)
     step = Moment(grads, a.retained, a.hold, st.opt.step_transient)
     if not a.ckpt_input:
-        return forward, (at_loss, late, end), step
+        # the last layer's backward, every layer's tensors still saved: above the loss moment where
+        # a layer's backward outgrows the logits' (Llama 4's every-expert gradients, traced:
+        # m2-l4mav-hf-lora-b1s1024, three E x tokens x I gradients beside the saved experts)
+        top = Moment(top_grads, a.retained + a.layers_saved, a.hold, a.last.transient, carried=st.accum)
+        return forward, (at_loss, late, end, top), step
     top = Moment(top_grads, a.retained + a.layers_saved + a.last.saved, a.hold, a.last.transient, carried=st.accum)
     return forward, (at_loss, late, end, top), step
 
