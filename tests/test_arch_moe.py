@@ -186,3 +186,14 @@ def test_peft_all_linear_on_llama4_fails_in_the_router_forward():
     ids = torch.randint(0, cfg["vocab_size"], (1, 8))
     with pytest.raises(AttributeError, match="tuple"):
         pm(input_ids=ids, labels=ids)
+
+
+def test_qlora_on_fused_experts_says_they_stay_unquantised_and_what_kbit_prepare_makes_of_them():
+    from vramplan.estimator import estimate
+
+    prepared = estimate("mixtral-8x7b", "qlora")
+    (note,) = prepared.notes
+    assert "45.10B parameters" in note and "fp32" in note and "--no-kbit-prepare" in note
+    (plain,) = estimate("mixtral-8x7b", "qlora", kbit_prepare=False).notes
+    assert "16-bit" in plain and "upcasts" not in plain
+    assert estimate("llama-3.1-8b", "qlora").notes == ()  # every Linear quantised: nothing to say

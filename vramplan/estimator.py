@@ -60,6 +60,7 @@ class Estimate:
     device_total_bytes: int
     outside_allocator: dict[str, int] = field(default_factory=dict)  # where -> bytes
     attention: str = ""  # the attention kernel the model runs (vramplan.streams.attention_kernel)
+    notes: tuple[str, ...] = ()  # what the user should know about how the setup runs
     # the model's terms, for engines that rearrange model states (vramplan.distributed)
     terms: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -72,6 +73,7 @@ class Estimate:
             "model": {"name": self.model, "params_total": self.params_total, "params_trainable": self.params_trainable},
             "setup": self.setup.to_dict(),
             "attention_kernel": self.attention,
+            "notes": list(self.notes),
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
             "device_total_bytes": self.device_total_bytes,
@@ -110,7 +112,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
         breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved,
         device_total_bytes=reserved + sum(v for k, v in outside.items() if k != HOST_ACTIVATIONS),
-        outside_allocator=outside, attention=attention_kernel(spec.arch, setup, dt).name,
+        outside_allocator=outside, attention=attention_kernel(spec.arch, setup, dt).name, notes=weight_notes(st, setup),
         terms={"weights": st.base.total, "adapters": st.adapters, "grads": st.grads, "opt_states": st.opt.in_allocator,
                "opt_transient": st.opt.step_transient, "workspace": CUBLAS_WORKSPACE_BYTES,
                "acts_fwd_peak": fwd.total - fwd.carried, "acts_bwd_loss": at_loss.total - at_loss.carried,
@@ -143,6 +145,22 @@ class ModelStates:
     def steady(self) -> int:
         """Alive through the whole step: weights, optimizer states, cuBLAS workspaces."""
         return self.weights + self.opt.in_allocator + CUBLAS_WORKSPACE_BYTES
+
+
+def weight_notes(st: ModelStates, setup: Setup) -> tuple[str, ...]:
+    """A 4/8-bit base that leaves Linear-like weights unquantised (fused MoE experts, custom
+    routers, nn.Linear subclasses: transformers' bitsandbytes integration converts only
+    `type(m) is nn.Linear`) says how many and what they cost, and what kbit preparation does to them."""
+    n = st.base.unquantised_linear_params
+    if not (setup.quantised and n):
+        return ()
+    b = st.dense_bytes
+    note = (f"{n / 1e9:.2f}B parameters (fused MoE experts, routers) are not nn.Linear: bitsandbytes leaves them "
+            f"unquantised, {n * b / 2**30:.1f} GiB in {'fp32' if b == 4 else '16-bit'}")
+    if b == 4 and setup.kbit_prepare:
+        note += (f" (prepare_model_for_kbit_training upcasts them); --no-kbit-prepare keeps them 16-bit, "
+                 f"{n * 2 / 2**30:.1f} GiB")
+    return (note,)
 
 
 def dense_bytes_per_param(setup: Setup) -> int:

@@ -60,6 +60,8 @@ def estimate_tables(e: Any) -> None:
               f" · device total [bold]{fmt_gib(e.device_total_bytes)}[/]")
     for where, b in e.outside_allocator.items():
         out.print(f"  outside the PyTorch allocator: {escape(where.replace('_', ' '))} {fmt_gib(b)}")
+    for n in e.notes:
+        out.print(f"[yellow]note:[/] {escape(n)}")
 
 
 def hint_line(h: Any) -> None:
