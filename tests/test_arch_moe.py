@@ -197,3 +197,20 @@ def test_qlora_on_fused_experts_says_they_stay_unquantised_and_what_kbit_prepare
     (plain,) = estimate("mixtral-8x7b", "qlora", kbit_prepare=False).notes
     assert "16-bit" in plain and "upcasts" not in plain
     assert estimate("llama-3.1-8b", "qlora").notes == ()  # every Linear quantised: nothing to say
+
+
+def test_fused_expert_lora_strands_the_down_pair_only_where_no_freed_logits_block_takes_gate_ups_gradient():
+    from vramplan.estimator import merged_weight_stranded_bytes, model_states
+    from vramplan.setup import make_setup
+
+    def stranded(model, **opts):
+        spec = resolve_model(model)
+        lay, s = layout(spec), make_setup(spec, method="lora", **opts)
+        return merged_weight_stranded_bytes(spec.arch, lay, s, model_states(spec, lay, s))
+
+    a = resolve_model("deepseek-v3").arch
+    down = a.n_experts * a.hidden * a.moe_intermediate * 2  # bf16 W' of one layer's fused down_proj
+    assert stranded("deepseek-v3") == 2 * down  # its 15 GiB gate_up gradient dwarfs the logits block
+    assert stranded("qwen3-30b-a3b", batch_size=2) == 0  # 768 MiB gradient fits the 2.3 GiB fp32 logits block
+    assert stranded("qwen3-30b-a3b", trainer="trl") > 0  # TRL's fused head frees no logits block
+    assert stranded("deepseek-v3", lora_targets="attention") == 0

@@ -104,6 +104,8 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     parts = breakdown(st, {"forward": fwd, "backward": bwd, "optimizer_step": step}.get(peak_phase))
     assert sum(parts.values()) == peak, (parts, peak)
     reserved = reserved_bytes(spec.arch, lay, setup, st, acts, peak=peak, emb_grad=emb_grad)
+    # the fused-expert W' pair strands beside the last layer's backward only (merged_weight_stranded_bytes)
+    reserved = max(reserved, steady + bwd_candidates[3].total + merged_weight_stranded_bytes(spec.arch, lay, setup, st))
     outside = outside_allocator(st, acts, context_bytes=context_bytes)
     at_loss = bwd_candidates[0]
     top = bwd_candidates[3] if len(bwd_candidates) > 3 else None
@@ -352,6 +354,27 @@ def split_vocab_bytes(arch: ArchConfig, setup: Setup, a: ActivationTerms) -> int
     if not setup.grad_checkpointing:
         return 4 * arch.vocab * micro_batch_tokens(setup)
     return 0 if setup.hold_outputs else a.head.logits
+
+
+def merged_weight_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates) -> int:
+    """LoRA on both fused expert parameters (peft ParamWrapper): backward allocates down's W'
+    gradient beside W' (its own segment), frees both, then allocates gate_up's W' gradient, twice
+    down's size; the two freed down-sized segments cannot merge to serve it, so they stay cached
+    beside the peak unless a freed vocabulary block (the fp32 logits, 4 x tokens x vocab) is large
+    enough to take it. Measured: m2-dsv3-hf-lora-all-b1s2048 reserves 19.4 GiB over its peak, 2 x 7.5
+    GiB of them the down W' pair; Qwen3-30B-A3B's 768 MiB gate_up gradient fits its 1.2 GiB logits
+    block and strands nothing (m2-q3moe-hf-lora-all-b1s2048)."""
+    if setup.method not in ("lora", "qlora") or not {"experts.gate_up_proj", "experts.down_proj"} <= set(setup.lora_targets):
+        return 0
+    sizes = [{pt.module: pt.experts * pt.d_in * pt.d_out * st.dense_bytes for pt in g.param_targets} for g in lay.groups]
+    pairs = [(d["experts.gate_up_proj"], d["experts.down_proj"]) for d in sizes
+             if "experts.gate_up_proj" in d and "experts.down_proj" in d]
+    if not pairs:
+        return 0
+    gate_up, down = max(pairs)
+    # TRL's and Liger's fused heads never build the logits (vramplan.heads)
+    freed = 0 if (setup.trainer == "trl" or setup.liger) else 4 * arch.vocab * micro_batch_tokens(setup)
+    return 2 * down if gate_up > freed else 0
 
 
 def outside_allocator(st: ModelStates, a: ActivationTerms, *, context_bytes: int) -> dict[str, int]:
