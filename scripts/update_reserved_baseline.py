@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vramplan.allocator import NCCL_COMMUNICATOR_BYTES, NCCL_INIT_BYTES
+from vramplan.profiler.trainer_dist import record_load_place
 from vramplan.records import is_distributed, load_records, record_distributed, record_estimate, record_name
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
@@ -39,10 +40,10 @@ def _estimate(rec: dict[str, Any]) -> tuple[int, int]:
 
 
 def device_comparable(rec: dict[str, Any]) -> bool:
-    """Nothing but this rank's process on its card, and a cache the run itself shaped: the FSDP2
-    profiler runs build the whole model on the GPU before fully_shard (users load on the CPU),
-    so their reserved pool still holds the unsharded model's blocks."""
-    if rec.get("engine") == "fsdp2":
+    """Nothing but this rank's process on its card, and a cache the run itself shaped: FSDP2 runs
+    that built the whole model on the GPU before fully_shard (records without `load: cpu`; users
+    load on the CPU) still hold the unsharded model's blocks in their reserved pool."""
+    if rec.get("engine") == "fsdp2" and record_load_place(rec) != "cpu":
         return False
     limit = MAX_OUTSIDE + (max(NCCL_COMMUNICATOR_BYTES.values()) if int(rec.get("world_size", 1)) > 1 else 0)
     outside = rec["device_used_end"] - rec["peak_reserved"] - rec.get("managed_bytes", 0)

@@ -27,9 +27,9 @@ def local_rank() -> int:
 
 
 def launch_fields(setup: dict[str, Any]) -> dict[str, Any]:
-    """What a record says of its launch: the engine, the world size and this process's rank
-    (torchrun's environment; one process: 1 and 0)."""
-    return {"engine": engine(setup), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    """What a record says of its launch: the engine, where the model was built (`load_place`), the
+    world size and this process's rank (torchrun's environment; one process: 1 and 0)."""
+    return {"engine": engine(setup), "load": load_place(setup), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "rank": int(os.environ.get("RANK", "0"))}
 
 
@@ -86,6 +86,42 @@ def builds_under_zero3(setup: dict[str, Any]) -> bool:
     """ZeRO-3 partitions at construction (transformers enters deepspeed.zero.Init in from_config
     once TrainingArguments(deepspeed=...) exists), so no rank ever holds the whole model."""
     return engine(setup) == "deepspeed" and int(setup["zero"]) == 3
+
+
+QUANTISED_DTYPES = ("int8", "nf4", "fp4")
+
+
+def load_place(setup: dict[str, Any]) -> str:
+    """Where each rank builds the model before its engine takes it, as users load it:
+
+    - "zero-init": ZeRO-3 (`builds_under_zero3`), each partition placed by deepspeed.zero.Init;
+    - "cpu": FSDP2 on dense weights. Users' from_pretrained lands on the host; the Trainer leaves an
+      FSDP model where it is (transformers 5.17 trainer.py Trainer.__init__: place_model_on_device
+      is False when is_fsdp_enabled) and accelerate 1.15's fsdp2_prepare_model upcasts trainable
+      weights to fp32 there, then calls fully_shard unit by unit, bottom-up (decoder layers, the
+      embedding/norm/lm_head tail, the root). Each call moves that unit's full states to the GPU
+      (torch fsdp/_fully_shard/_fsdp_init.py _move_states_to_device) and keeps only this rank's
+      shard (_fsdp_param.py FSDPParam._init_sharded_param; on the host again under CPU offload),
+      so no GPU ever holds the whole model, only one unit's full weights at a time;
+    - "cuda": everything else on this rank's GPU: one GPU, DDP and ZeRO-1/2 (the Trainer moves the
+      model to args.device itself), and quantised bases under FSDP2 (bitsandbytes quantises on the
+      way to a GPU, device_map; fsdp2_prepare_model skips its meta-device path for Params4bit).
+
+    Records before this field (FSDP2 in data/measurements/h100x2_2026-11-25_dist.jsonl) built on
+    "cuda" for every engine but ZeRO-3: `record_load_place`."""
+    if builds_under_zero3(setup):
+        return "zero-init"
+    if engine(setup) == "fsdp2" and setup.get("dtype") not in QUANTISED_DTYPES:
+        return "cpu"
+    return "cuda"
+
+
+def record_load_place(rec: dict[str, Any]) -> str:
+    """A record's `load`, or for one written before it existed, where that profiler built: on the
+    GPU, but under ZeRO-3."""
+    if "load" in rec:
+        return str(rec["load"])
+    return "zero-init" if builds_under_zero3(rec.get("setup", {})) else "cuda"
 
 
 def host_rss() -> int:

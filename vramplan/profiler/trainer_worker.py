@@ -2,7 +2,8 @@
 `python -m vramplan.profiler.trainer_worker SETUP_JSON`.
 
 `trainer: hf` runs transformers' `Trainer`, `trainer: trl` runs TRL's `SFTTrainer`, each the way
-their docs show: random-weight model from config.json, bf16 weights with `bf16=True`, LoRA through
+their docs show: random-weight model from config.json (on the GPU; on the host under FSDP2, where
+accelerate moves each rank's shards: trainer_dist.load_place), bf16 weights with `bf16=True`, LoRA through
 peft (`get_peft_model` for hf, `peft_config=` for TRL), QLoRA loaded with
 `from_pretrained(quantization_config=BitsAndBytesConfig(...))` from a checkpoint saved on local
 disk, `prepare_model_for_kbit_training` for hf (peft's QLoRA recipe; TRL does not call it), Liger
@@ -26,10 +27,11 @@ from typing import Any
 
 from vramplan.profiler.build import attn_implementation, lora_targets
 from vramplan.profiler.trainer_dist import (
-    builds_under_zero3,
+    QUANTISED_DTYPES,
     host_rss,
     init_process_group,
     launch_fields,
+    load_place,
     local_rank,
     parallel_args,
 )
@@ -70,9 +72,18 @@ def _bnb_config(setup: dict[str, Any]) -> Any:
                               bnb_4bit_use_double_quant=setup["double_quant"], bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def build_device(place: str, gpu: Any) -> Any:
+    """The torch device `build_trainer_model` builds on for a `load_place`: None under ZeRO-3
+    (deepspeed.zero.Init places each partition), the host for "cpu", else this rank's GPU."""
+    import torch
+
+    return {"zero-init": None, "cpu": torch.device("cpu")}.get(place, gpu)
+
+
 def build_trainer_model(setup: dict[str, Any], device: Any, tmp: str) -> Any:
-    """Dense bases are built from the config on the device; quantised ones are saved to local
-    disk first and loaded back with a BitsAndBytesConfig, as users load them."""
+    """Dense bases are built from the config on `device` (`build_device`: the GPU, the host for
+    FSDP2); quantised ones are saved to local disk first and loaded back onto the GPU with a
+    BitsAndBytesConfig, as users load them."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -83,7 +94,7 @@ def build_trainer_model(setup: dict[str, Any], device: Any, tmp: str) -> Any:
     attn = attn_implementation(setup)
     if device is None:  # ZeRO-3: deepspeed.zero.Init places each partition itself
         return AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype(setup), attn_implementation=attn)
-    if setup["dtype"] not in ("int8", "nf4", "fp4"):
+    if setup["dtype"] not in QUANTISED_DTYPES:
         with device:
             return AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype(setup), attn_implementation=attn)
     with device:
@@ -140,7 +151,7 @@ def make_trainer(setup: dict[str, Any], model: Any, args: Any, callback: Any) ->
     b, s, accum, steps = setup["batch_size"], setup["seq_len"], setup.get("grad_accum", 1), setup.get("steps", 3)
     rows = _random_rows(b * accum * steps * int(setup.get("gpus", 1)), s, vocab)
     method = setup["method"]
-    quantised = setup["dtype"] in ("int8", "nf4", "fp4")
+    quantised = setup["dtype"] in QUANTISED_DTYPES
     if setup["trainer"] == "trl":
         from datasets import Dataset
         from trl import SFTTrainer
@@ -212,7 +223,7 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
         t0 = time.time()
         init_process_group(setup)
         args = make_args(setup, os.path.join(tmp, "out"))
-        model = build_trainer_model(setup, None if builds_under_zero3(setup) else dev, os.path.join(tmp, "ckpt"))
+        model = build_trainer_model(setup, build_device(load_place(setup), dev), os.path.join(tmp, "ckpt"))
         alloc_after_load = torch.cuda.memory_allocated() - base
         tr = make_trainer(setup, model, args, _callback(base, rec_steps, steps - 1 if trace else None))
         load_s = time.time() - t0
