@@ -104,8 +104,9 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     parts = breakdown(st, {"forward": fwd, "backward": bwd, "optimizer_step": step}.get(peak_phase))
     assert sum(parts.values()) == peak, (parts, peak)
     reserved = reserved_bytes(spec.arch, lay, setup, st, acts, peak=peak, emb_grad=emb_grad)
-    # the fused-expert W' pair strands beside the last layer's backward only (merged_weight_stranded_bytes)
-    reserved = max(reserved, steady + bwd_candidates[3].total + merged_weight_stranded_bytes(spec.arch, lay, setup, st))
+    # blocks that strand beside the last layer's backward only
+    stranded = merged_weight_stranded_bytes(spec.arch, lay, setup, st) + sink_scores_stranded_bytes(spec.arch, setup, dt)
+    reserved = max(reserved, steady + bwd_candidates[3].total + stranded)
     outside = outside_allocator(st, acts, context_bytes=context_bytes)
     at_loss = bwd_candidates[0]
     top = bwd_candidates[3] if len(bwd_candidates) > 3 else None
@@ -375,6 +376,22 @@ def merged_weight_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st
     # TRL's and Liger's fused heads never build the logits (vramplan.heads)
     freed = 0 if (setup.trainer == "trl" or setup.liger) else 4 * arch.vocab * micro_batch_tokens(setup)
     return 2 * down if gate_up > freed else 0
+
+
+def sink_scores_stranded_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:
+    """gpt-oss eager attention (modeling_gpt_oss.py eager_attention_forward): the scaled scores and
+    the masked scores are two b x h x s x s blocks; the sinks make every later score-sized tensor
+    (the concatenation, the shifted logits, the probabilities and their gradients) one column
+    wider, so those two blocks stay cached beside the backward. A loss that builds the logits
+    (transformers' head) frees vocabulary blocks the wider tensors are carved from instead;
+    TRL's and Liger's fused heads do not. Measured: m2-gptoss-trl-lora-b2s2048 and
+    h4-gptoss-trl-qlora-b2s2048 reserve 1.5 and 2.2 GiB more than the rest of the model explains,
+    with 1 GiB score blocks; the Trainer runs (m1-gptoss-*) do not."""
+    if not arch.attn_sinks or attention_kernel(arch, setup, dt).name != "eager":
+        return 0
+    if setup.trainer != "trl" and not setup.liger:
+        return 0
+    return 2 * setup.batch_size * arch.heads * setup.seq_len * setup.seq_len * dt.linear_out
 
 
 def outside_allocator(st: ModelStates, a: ActivationTerms, *, context_bytes: int) -> dict[str, int]:
