@@ -85,3 +85,14 @@ def test_dist3_remeasures_six_dist2_fsdp2_cases_on_the_host():
     assert {s["fsdp"] for s in d3} == {"full_shard", "shard_grad_op"}
     assert any(s.get("offload") == "params" for s in d3)
     assert {s["method"] for s in d3} == {"full", "lora"}
+
+
+def test_fsdp2_gradient_shards_stay_reserved_on_the_reduce_scatter_stream_until_they_are_alive_again():
+    from vramplan.distributed import fsdp_reduce_scatter_pool_bytes, make_parallel
+
+    full = make_parallel(gpus=2, fsdp="full_shard")
+    assert fsdp_reduce_scatter_pool_bytes(full, 1_000_000, grads_alive=False) == 4 * 1_000_000 // 2
+    assert fsdp_reduce_scatter_pool_bytes(full, 1_000_000, grads_alive=True) == 0
+    assert fsdp_reduce_scatter_pool_bytes(make_parallel(gpus=2, fsdp="full_shard", offload="params"), 10**6,
+                                          grads_alive=False) == 0  # the shards go to the host
+    assert fsdp_reduce_scatter_pool_bytes(make_parallel(gpus=2), 10**6, grads_alive=False) == 0  # DDP
