@@ -44,11 +44,11 @@ def _key(rec: dict) -> str:
 
 
 def _split(rec: dict, traced: set[str]) -> str:
-    """h2-* (H100), h3-* (H200) and m2-* (H200, MoE) were measured after the model they test was
+    """h2-* (H100), h3-*, h4-* (H200) and m2-* (H200, MoE) were measured after the model they test was
     written and are held out, unless their setup was traced (t3-*, t4-*, or the run itself) and the
     model changed from that trace; tr-* and m1-* it was read off, d2-* the multi-GPU runs the
     sharding terms were fixed from: in-sample."""
-    held = rec["setup"]["name"].startswith(("h2-", "h3-", "m2-")) and _key(rec) not in traced
+    held = rec["setup"]["name"].startswith(("h2-", "h3-", "h4-", "m2-")) and _key(rec) not in traced
     return "held out" if held else "in-sample"
 
 

@@ -377,3 +377,13 @@ def test_dora_on_an_unprepared_4bit_base_under_autocast_runs_fp32_streams():
     _, _, lora = _setup("llama-3.2-3b", trainer="trl", method="qlora", kbit_prepare=False)
     assert (stream_dtypes(dora).residual, stream_dtypes(dora).linear_out, stream_dtypes(dora).logits) == (4, 4, 2)
     assert stream_dtypes(lora).residual == 2
+
+
+def test_an_fp32_adapter_on_down_proj_adds_its_backward_moment_on_16bit_streams_only():
+    ops = _ops("llama-3.1-8b", method="lora", trainer="trl", grad_checkpointing=True)
+    names = {t.name for t in ops["down_proj_backward"]}
+    assert {"layer_output.grad", "down_proj.lora_A.input_grad_fp32", "down_proj.lora_dropout.input_grad_fp32"} <= names
+    assert all(t.lifetime == BACKWARD for t in ops["down_proj_backward"])
+    assert not _ops("llama-3.1-8b", method="lora", lora_targets="attention")["down_proj_backward"]
+    assert not _ops("llama-3.1-8b", method="qlora", trainer="hf")["down_proj_backward"]  # kbit-prepared: fp32 streams
+    assert not _ops("llama-3.1-8b", method="qlora", trainer="trl", kbit_prepare=False)["down_proj_backward"]  # 16-bit adapters

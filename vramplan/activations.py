@@ -119,7 +119,7 @@ class LayerSizes:
 # The operations of LAYER_OPS that run one after another through the layer; the rest (DoRA, the
 # LoRA input cast, int8 inputs) are spread over every targeted module and never count as freed.
 SEQUENTIAL_OPS = ("input_norm", "qkv_proj", "qk_norm", "attention", "o_proj", "sandwich_norms", "residual_dropout",
-                  "mlp_norm", "mlp", "experts_up", "experts_gate", "experts_down", "routing_weights", "shared_experts")
+                  "mlp_norm", "mlp", "down_proj_backward", "experts_up", "experts_gate", "experts_down", "routing_weights", "shared_experts")
 
 
 # The operations of LAYER_OPS that are RMSNorms (their fp32 input copy is saved by pow and by mul).

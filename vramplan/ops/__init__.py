@@ -14,7 +14,16 @@ from collections.abc import Callable
 from vramplan.ops.attention import GPT2_DROPOUT, attention_core, o_proj_inputs, qkv_inputs, residual_dropout
 from vramplan.ops.linear import int8_inputs
 from vramplan.ops.lora import dora, lora_input_cast
-from vramplan.ops.mlp import experts_down, experts_gate, experts_up, ia3, mlp, routing_weights, shared_experts
+from vramplan.ops.mlp import (
+    down_proj_backward,
+    experts_down,
+    experts_gate,
+    experts_up,
+    ia3,
+    mlp,
+    routing_weights,
+    shared_experts,
+)
 from vramplan.ops.norm import input_norm, mlp_norm, qk_norm, sandwich_norms
 from vramplan.ops.tensors import (
     BACKWARD,
@@ -50,6 +59,7 @@ LAYER_OPS: tuple[tuple[str, Op], ...] = (
     ("residual_dropout", residual_dropout),
     ("mlp_norm", mlp_norm),
     ("mlp", mlp),
+    ("down_proj_backward", down_proj_backward),
     ("experts_up", experts_up),
     ("experts_gate", experts_gate),
     ("experts_down", experts_down),
