@@ -49,8 +49,6 @@ KNOWN_UNDER = {"g9b-lora-ckpt-b1s2048", "l1b-full-adafactor-b2s1024", "l3b-fsdp-
                # eager attention under checkpointing: the recompute's s x s score blocks strand
                "l1b-full-eager-ckpt-b2s2048",
                "l8b-lora-int8-ckpt-b2s1024",
-               # its peak allocated is the TRL + DoRA gap pinned in tests/test_validation.py KNOWN_GAPS
-               "h4-l1b-trl-dora-b4s2048",
                # DDP allocates nothing on its communication stream (the reducer all-reduces its
                # init-time buckets in place): reserved grows from step 1 to step 2 by 2 x 4749 MiB,
                # two fp32 logits blocks (4 B x tokens x vocab) that the first step's 5890 MiB of

@@ -18,10 +18,6 @@ KNOWN_GAPS = {
     # bitsandbytes LLM.int8 under gradient checkpointing keeps data-dependent outlier/quantisation
     # buffers in MatMul8bitLt ctx.tensors beyond the inputs the model counts (see the README).
     "l8b-lora-int8-ckpt-b2s1024": (-0.16, -0.10),
-    # TRL + DoRA at 8192 tokens: a token-scaled term the model lacks (HF DoRA is exact, the TRL
-    # DoRA runs at 2048 tokens within 1.4%); torch's memory-history trace fails inside DoRA's
-    # backward, so it is not yet pinned down
-    "h4-l1b-trl-dora-b4s2048": (-0.10, -0.06),
 }
 
 

@@ -201,9 +201,15 @@ def down_proj_backward(c: OpContext) -> tuple[Saved, ...]:
         return ()
     L, H, width = c.dt.linear_out, c.arch.hidden, c.mods["down_proj"].d_in
     drop = (tok(c, "down_proj.lora_dropout.input_grad_fp32", 4, width, BACKWARD),) if c.setup.lora_dropout > 0 else ()
+    # DoRA recomputes the base output from the dropped-out fp32 input (peft tuners/lora/dora.py
+    # DoraLinearLayer.forward): that path's input gradient comes back through the autocast cast
+    # as a second fp32 tensor, and the two are summed into a third before dropout's backward
+    # (TRL DoRA runs peaking at the last layer's backward: 4.7-8.0 bytes per token and
+    # intermediate unit under without it, h4-l1b-trl-dora-b4s2048 8.0)
+    dora = tuple(tok(c, f"down_proj.dora.{n}", 4, width, BACKWARD) for n in ("base_input_grad_fp32", "input_grad_sum"))
     return (tok(c, "layer_output.grad", L, H, BACKWARD), tok(c, "down_proj.input.grad", L, width, BACKWARD),
             tok(c, "down_proj.lora_A.input_grad_fp32", 4, width, BACKWARD), *drop,
-            tok(c, "down_proj.lora.input_grad", 2, width, BACKWARD))
+            tok(c, "down_proj.lora.input_grad", 2, width, BACKWARD), *(dora if c.setup.use_dora else ()))
 
 
 def _merged_grad(c: OpContext, param: str) -> tuple[Saved, ...]:
