@@ -93,6 +93,31 @@ class Coefs(NamedTuple):
         return total
 
 
+class Delta(NamedTuple):
+    """One operation's transients less what the operations after it saved (freed by then): the
+    difference of two Coefs, their SPAN terms kept apart so each rounds as its tensor does."""
+
+    tokens: int
+    rows: int
+    scores: int
+    fixed: int
+    span: tuple[int, ...]
+    freed_span: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: Coefs, freed: Coefs) -> Delta:
+        return cls(t.tokens - freed.tokens, t.rows - freed.rows, t.scores - freed.scores, t.fixed - freed.fixed,
+                   t.span, freed.span)
+
+    def at(self, d: Dims) -> int:
+        total = self.tokens * d.tokens + self.rows * d.batch * d.seq + self.scores * d.batch * d.seq * d.span + self.fixed
+        for k in self.span:
+            total += size_bytes(SPAN, k, d)
+        for k in self.freed_span:
+            total -= size_bytes(SPAN, k, d)
+        return total
+
+
 def coefs(tensors: Iterable[Saved]) -> Coefs:
     by = dict.fromkeys((TOKENS, ROWS, SCORES, FIXED), 0)
     span = []
@@ -113,7 +138,7 @@ class LayerSizes:
     retained: Coefs  # held by the graph past backward
     # each operation's transients (never alive together), with what the operations after it in the
     # layer save: freed by the time its backward runs
-    transients: tuple[tuple[Coefs, Coefs], ...]
+    transients: tuple[Delta, ...]
 
 
 # The operations of LAYER_OPS that run one after another through the layer; the rest (DoRA, the
@@ -134,7 +159,7 @@ def layer_sizes(ops: OpTensors) -> LayerSizes:
             continue
         after = () if name not in SEQUENTIAL_OPS else \
             [t for later, ts in ops[i + 1:] if later in SEQUENTIAL_OPS for t in ts if t.lifetime == SAVED]
-        transients.append((coefs(t for t in tensors if t.lifetime in TRANSIENT), coefs(after)))
+        transients.append(Delta.of(coefs(t for t in tensors if t.lifetime in TRANSIENT), coefs(after)))
     return LayerSizes(
         saved=coefs(t for t in every if t.lifetime == SAVED),
         input_grad=coefs(t for t in every if t.lifetime == SAVED_FOR_INPUT_GRAD),
@@ -149,9 +174,8 @@ def layer_figures(sizes: LayerSizes, d: Dims) -> LayerActs:
     gradients never meet the MLP's saved intermediates); forward transients recur in backward
     when checkpointing recomputes the layer."""
     input_grad = sizes.input_grad.at(d)
-    transient = 0
-    for t, freed in sizes.transients:
-        transient = max(transient, t.at(d) - freed.at(d))
+    transient = max((t.at(d) for t in sizes.transients), default=0)
+    transient = max(transient, 0)
     return LayerActs(saved=sizes.saved.at(d) + input_grad, transient=transient, retained=sizes.retained.at(d),
                      input_grad_only=input_grad)
 
@@ -189,10 +213,10 @@ def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, first_laye
     return layer
 
 
-@dataclass(frozen=True)
-class StackActs:
+class StackActs(NamedTuple):
     """The decoder stack's layers by type (vramplan.layout.LayerGroup): dense and MoE layers,
-    sliding and full attention each save their own."""
+    sliding and full attention each save their own (immutable; a NamedTuple: one per estimate,
+    benchmarks/speed.py)."""
 
     first: LayerActs  # the first layer (without what only its input's gradient needs, when nothing before it trains)
     last: LayerActs  # the last layer: the first one backward reaches
@@ -219,10 +243,14 @@ def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup) -> tuple[tuple[Lay
 def stack_activations(arch: ArchConfig, lay: Layout, setup: Setup) -> StackActs:
     d = dims_of(setup)
     acts = [(g, layer_figures(sz, d)) for g, sz in _stack_sizes(arch, lay, setup)]
-    first_g, first_full = min(acts, key=lambda ga: ga[0].first if ga[0] is not None else 0)
-    last = max(acts, key=lambda ga: ga[0].last if ga[0] is not None else 0)[1]
+    if len(acts) == 1:  # one layer type (most models): first and last are the same layer
+        first_g, first_full = acts[0]
+        last = first_full
+    else:
+        first_g, first_full = min(acts, key=lambda ga: ga[0].first if ga[0] is not None else 0)
+        last = max(acts, key=lambda ga: ga[0].last if ga[0] is not None else 0)[1]
     first = first_full
-    if not first_layer_needs_input_grad(setup):  # as layer_activations(first_layer=True)
+    if first_full.input_grad_only and not first_layer_needs_input_grad(setup):  # as layer_activations(first_layer=True)
         first = LayerActs(saved=first_full.saved - first_full.input_grad_only, transient=first_full.transient,
                           retained=first_full.retained)
     if first_g is None:

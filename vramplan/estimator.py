@@ -105,7 +105,8 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     assert sum(parts.values()) == peak, (parts, peak)
     reserved = reserved_bytes(spec.arch, lay, setup, st, acts, peak=peak, emb_grad=emb_grad)
     # blocks that strand beside the last layer's backward only
-    stranded = merged_weight_stranded_bytes(spec.arch, lay, setup, st) + sink_scores_stranded_bytes(spec.arch, setup, dt)
+    kernel = attention_kernel(spec.arch, setup, dt)
+    stranded = merged_weight_stranded_bytes(spec.arch, lay, setup, st) + sink_scores_stranded_bytes(spec.arch, setup, kernel.name)
     reserved = max(reserved, steady + bwd_candidates[3].total + stranded)
     outside = outside_allocator(st, acts, context_bytes=context_bytes)
     at_loss = bwd_candidates[0]
@@ -115,7 +116,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
         breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved,
         device_total_bytes=reserved + sum(v for k, v in outside.items() if k != HOST_ACTIVATIONS),
-        outside_allocator=outside, attention=attention_kernel(spec.arch, setup, dt).name, notes=weight_notes(st, setup),
+        outside_allocator=outside, attention=kernel.name, notes=weight_notes(st, setup),
         terms={"weights": st.base.total, "adapters": st.adapters, "grads": st.grads, "opt_states": st.opt.in_allocator,
                "opt_transient": st.opt.step_transient, "workspace": CUBLAS_WORKSPACE_BYTES,
                "acts_fwd_peak": fwd.total - fwd.carried, "acts_bwd_loss": at_loss.total - at_loss.carried,
@@ -365,7 +366,8 @@ def merged_weight_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st
     enough to take it. Measured: m2-dsv3-hf-lora-all-b1s2048 reserves 19.4 GiB over its peak, 2 x 7.5
     GiB of them the down W' pair; Qwen3-30B-A3B's 768 MiB gate_up gradient fits its 1.2 GiB logits
     block and strands nothing (m2-q3moe-hf-lora-all-b1s2048)."""
-    if setup.method not in ("lora", "qlora") or not {"experts.gate_up_proj", "experts.down_proj"} <= set(setup.lora_targets):
+    targets = setup.lora_targets
+    if "experts.down_proj" not in targets or "experts.gate_up_proj" not in targets or setup.method not in ("lora", "qlora"):
         return 0
     sizes = [{pt.module: pt.experts * pt.d_in * pt.d_out * st.dense_bytes for pt in g.param_targets} for g in lay.groups]
     pairs = [(d["experts.gate_up_proj"], d["experts.down_proj"]) for d in sizes
@@ -378,7 +380,7 @@ def merged_weight_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st
     return 2 * down if gate_up > freed else 0
 
 
-def sink_scores_stranded_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:
+def sink_scores_stranded_bytes(arch: ArchConfig, setup: Setup, kernel: str) -> int:
     """gpt-oss eager attention (modeling_gpt_oss.py eager_attention_forward): the scaled scores and
     the masked scores are two b x h x s x s blocks; the sinks make every later score-sized tensor
     (the concatenation, the shifted logits, the probabilities and their gradients) one column
@@ -387,11 +389,9 @@ def sink_scores_stranded_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> in
     TRL's and Liger's fused heads do not. Measured: m2-gptoss-trl-lora-b2s2048 and
     h4-gptoss-trl-qlora-b2s2048 reserve 1.5 and 2.2 GiB more than the rest of the model explains,
     with 1 GiB score blocks; the Trainer runs (m1-gptoss-*) do not."""
-    if not arch.attn_sinks or attention_kernel(arch, setup, dt).name != "eager":
+    if not arch.attn_sinks or kernel != "eager" or (setup.trainer != "trl" and not setup.liger):
         return 0
-    if setup.trainer != "trl" and not setup.liger:
-        return 0
-    return 2 * setup.batch_size * arch.heads * setup.seq_len * setup.seq_len * dt.linear_out
+    return 2 * setup.batch_size * arch.heads * setup.seq_len * setup.seq_len * stream_dtypes(setup).linear_out
 
 
 def outside_allocator(st: ModelStates, a: ActivationTerms, *, context_bytes: int) -> dict[str, int]:
