@@ -178,3 +178,16 @@ def test_checkpointed_run_that_drops_its_logits_strands_the_16bit_logits_block()
     assert split_vocab_bytes(spec.arch, dropped, a) == a.head.logits == 2 * spec.arch.vocab * tokens
     assert split_vocab_bytes(spec.arch, held, a) == 0
     assert split_vocab_bytes(spec.arch, nockpt, a) == 4 * spec.arch.vocab * tokens
+
+
+def test_a_cards_device_total_swaps_in_its_generations_cublas_workspaces():
+    from vramplan.allocator import CUBLAS_HANDLES, HOPPER_CUBLAS_WORKSPACE_BYTES, device_total_on
+    from vramplan.catalog import gpu_catalog
+    from vramplan.estimator import estimate
+
+    e, cards = estimate("llama-3.2-1b", "lora"), gpu_catalog()
+    assert device_total_on(e, cards["H100-SXM-80GB"]) == e.device_total_bytes  # measured there
+    # torch's ":4096:2:16:8" default below compute capability 9.x: 8320 KiB per handle
+    assert device_total_on(e, cards["A100-40GB"]) == e.device_total_bytes - CUBLAS_HANDLES * (
+        HOPPER_CUBLAS_WORKSPACE_BYTES - 8320 * 1024)
+    assert device_total_on(e, cards["MI300X"]) > e.device_total_bytes  # ROCm gfx94x: 128 MiB

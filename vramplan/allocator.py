@@ -257,8 +257,18 @@ def device_total_bytes(*, peak_reserved_bytes: int, outside_allocator: dict[str,
     return peak_reserved_bytes + sum(outside.values())
 
 
+# torch's default cuBLAS workspace per handle on compute capability 9.x (aten/src/ATen/cuda/
+# CublasHandlePool.cpp parseChosenWorkspaceSize), the card the estimate's workspace line was measured on
+HOPPER_CUBLAS_WORKSPACE_BYTES = 32 * MiB
+# a training step holds two cuBLAS workspaces: the forward thread's and the autograd thread's
+# (the estimate's 65 MiB line: 2 x 32 MiB on Hopper, estimator.CUBLAS_WORKSPACE_BYTES)
+CUBLAS_HANDLES = 2
+
+
 def device_total_on(estimate: Estimate, gpu: GPU) -> int:
     """Device total of `estimate` on card `gpu`: the estimate's reserved and outside-allocator lines
-    with the card generation's CUDA context (data/gpu_specs.yaml `cuda_context`)."""
-    return device_total_bytes(peak_reserved_bytes=estimate.peak_reserved_bytes,
-                              outside_allocator=estimate.outside_allocator, context_bytes=gpu.cuda_context_bytes)
+    with the card generation's CUDA context and cuBLAS workspaces (data/gpu_specs.yaml `cuda_context`)."""
+    workspaces = CUBLAS_HANDLES * (gpu.cublas_workspace_bytes - HOPPER_CUBLAS_WORKSPACE_BYTES)
+    context = gpu.cuda_context_bytes - estimate.outside_allocator.get("cuda_context", gpu.cuda_context_bytes)
+    # from the estimate's own device total, so a per-GPU total put in its place (fit_parallel) holds
+    return estimate.device_total_bytes + workspaces + context

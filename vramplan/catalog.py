@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from vramplan.allocator import DEFAULT_CUDA_CONTEXT_BYTES
+from vramplan.allocator import DEFAULT_CUDA_CONTEXT_BYTES, HOPPER_CUBLAS_WORKSPACE_BYTES
 from vramplan.arch import FAMILIES, ArchConfig, ModelSpec, arch_from_hf_config, build_spec
 from vramplan.datafiles import load_yaml
 from vramplan.errors import VramplanError, unknown
@@ -188,18 +188,23 @@ class GPU:
     price_hour_usd: float | None
     source: str
     cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT_BYTES  # outside the allocator (gpu_specs.yaml cuda_context)
+    cublas_workspace_bytes: int = HOPPER_CUBLAS_WORKSPACE_BYTES  # per cuBLAS handle, from the allocator
 
 
-def _context_by_gpu(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """gpu_specs.yaml `cuda_context`: each card's generation figure, in bytes (validated)."""
-    out: dict[str, int] = {}
+def _context_by_gpu(rows: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """gpu_specs.yaml `cuda_context`: each card's generation figures (CUDA context, cuBLAS
+    workspace per handle), in bytes (validated)."""
+    out: dict[str, tuple[int, int]] = {}
     for row in rows:
         if not row.get("source") or not isinstance(row.get("cuda_context_mib"), int) or row["cuda_context_mib"] <= 0:
             raise AssertionError(f"gpu_specs.yaml: cuda_context {row.get('generation')}: bad figure or missing source")
+        ws = row.get("cublas_workspace_kib")
+        if not isinstance(ws, int) or ws <= 0:
+            raise AssertionError(f"gpu_specs.yaml: cuda_context {row.get('generation')}: bad cublas_workspace_kib={ws!r}")
         for name in row["gpus"]:
             if name in out:
                 raise AssertionError(f"gpu_specs.yaml: cuda_context: {name} in two generations")
-            out[name] = row["cuda_context_mib"] * MiB
+            out[name] = (row["cuda_context_mib"] * MiB, ws * 1024)
     return out
 
 
@@ -219,7 +224,8 @@ def gpu_catalog() -> dict[str, GPU]:
             usable_bytes=row.get("usable_mib", row["memory_mib"]) * MiB, bandwidth_gbs=float(row["bandwidth_gbs"]),
             bf16_tflops=float(row["bf16_tflops"]), bf16=bool(row.get("bf16", True)),
             price_hour_usd=row.get("price_hour_usd"), source=row["source"],
-            cuda_context_bytes=context.get(row["name"], DEFAULT_CUDA_CONTEXT_BYTES),
+            cuda_context_bytes=context.get(row["name"], (DEFAULT_CUDA_CONTEXT_BYTES, 0))[0],
+            cublas_workspace_bytes=context.get(row["name"], (0, HOPPER_CUBLAS_WORKSPACE_BYTES))[1],
         )
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vramplan.allocator import device_total_on
 from vramplan.arch import ModelSpec
 from vramplan.catalog import GPU, gpu_catalog, resolve_gpu
 from vramplan.errors import VramplanError
@@ -69,7 +70,7 @@ def fp16_setup(setup: Setup) -> Setup:
 
 
 def _memory_fit(est: Estimate, gpu: GPU) -> GpuFit:
-    need, cap = est.device_total_bytes, gpu.usable_bytes
+    need, cap = device_total_on(est, gpu), gpu.usable_bytes
     v = verdict(need, cap)
     paged = paged_bytes(est)
     if v == "does not fit" and paged and need - paged <= cap:
@@ -89,7 +90,7 @@ def fit_gpu(est: Estimate, gpu: GPU, spec: ModelSpec | None = None) -> GpuFit:
         r = _memory_fit(est, gpu)
         return replace(r, notes=(*r.notes, f"no bf16 on {gpu.name}: compute in fp16 (bnb_4bit_compute_dtype=float16)"))
     if spec is None:
-        return GpuFit(gpu, "no bf16", est.device_total_bytes, gpu.usable_bytes, est.peak_phase,
+        return GpuFit(gpu, "no bf16", device_total_on(est, gpu), gpu.usable_bytes, est.peak_phase,
                       (f"{gpu.name} has no bf16; estimate with dtype fp16",))
     from vramplan.estimator import estimate_setup
 
@@ -152,11 +153,12 @@ def cheapest(spec: Any, setup: Any, *, gpus: list[str] | None = None, counts: tu
     bad = [n for n in counts if isinstance(n, bool) or not isinstance(n, int) or n < 1 or (n > 8 and n % 8)]
     if bad:
         raise VramplanError(f"card counts {bad} cannot be laid out; allowed: 1..8 on one node, or whole nodes of 8 (16, 24, ...)")
-    single = estimate_setup(spec, setup).device_total_bytes
+    one = estimate_setup(spec, setup)
     cards = _cards(gpus) if gpus else [g for g in gpu_catalog().values() if g.price_hour_usd]
     out = []
     for g in cards:
         cap = g.usable_bytes * TIGHT_SHARE
+        single = device_total_on(one, g)
         for n in counts:
             found = None
             if n == 1 and single <= cap:

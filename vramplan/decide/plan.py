@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from vramplan.allocator import device_total_on
 from vramplan.arch import ModelSpec
 from vramplan.catalog import GPU
 from vramplan.decide.fit import TIGHT_SHARE, fp16_setup
@@ -139,7 +140,7 @@ def plan(spec: ModelSpec, req: Setup, gpu: GPU, *, objective: str = "tokens", ma
         def fits(n: int, base: Setup = base) -> Estimate | None:
             s = replace(base, seq_len=n) if maximize == "seq-len" else replace(base, batch_size=n, grad_accum=max(1, step_seqs // n))
             e = estimate_setup(spec, s)
-            return e if e.device_total_bytes <= cap else None
+            return e if device_total_on(e, gpu) <= cap else None
 
         if maximize == "seq-len":
             hi = MAX_SEQ if req.long_context and spec.arch.family != "gpt2" else spec.arch.max_positions
