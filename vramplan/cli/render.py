@@ -128,7 +128,7 @@ def plan_table(spec: Any, card: Any, p: Any, seconds: float) -> None:
         s = c.setup
         rank = str(s.lora_rank) if s.method in ("lora", "qlora") else "-"
         t.add_row(str(i), s.method, s.dtype, rank, s.precision, s.optimizer, "yes" if s.grad_checkpointing else "no",
-                  str(s.batch_size), str(s.seq_len), str(s.grad_accum), gib(c.estimate.device_total_bytes))
+                  str(s.batch_size), str(s.seq_len), str(s.grad_accum), gib(c.device_total_bytes))
     out.print(t)
     out.print("[dim]`--json` lists, for each, what changed from the request[/]")
 

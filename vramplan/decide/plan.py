@@ -26,6 +26,7 @@ class Candidate:
     setup: Setup
     estimate: Estimate
     changes: tuple[str, ...]  # what differs from the request
+    device_total_bytes: int  # on the plan's card (allocator.device_total_on)
 
     @property
     def tokens(self) -> int:
@@ -34,7 +35,7 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
         return {"setup": self.setup.to_dict(), "changes": list(self.changes), "tokens_per_micro_step": self.tokens,
-                "peak_allocated_bytes": e.peak_allocated_bytes, "device_total_bytes": e.device_total_bytes,
+                "peak_allocated_bytes": e.peak_allocated_bytes, "device_total_bytes": self.device_total_bytes,
                 "peak_phase": e.peak_phase}
 
 
@@ -149,13 +150,13 @@ def plan(spec: ModelSpec, req: Setup, gpu: GPU, *, objective: str = "tokens", ma
             _, e, k = _largest(fits, 1, MAX_BATCH, 1)
         evaluations += k
         if e is not None:
-            fitting.append(Candidate(e.setup, e, _changes(req, e.setup)))
+            fitting.append(Candidate(e.setup, e, _changes(req, e.setup), device_total_on(e, gpu)))
     if objective == "tokens":
         key = (lambda c: (-c.setup.seq_len, -c.tokens, c.setup.grad_checkpointing, len(c.changes))) if maximize == "seq-len" \
-            else (lambda c: (-c.tokens, c.setup.grad_checkpointing, len(c.changes), c.estimate.device_total_bytes))
+            else (lambda c: (-c.tokens, c.setup.grad_checkpointing, len(c.changes), c.device_total_bytes))
     elif objective == "memory":
-        key = lambda c: (c.estimate.device_total_bytes, len(c.changes))
+        key = lambda c: (c.device_total_bytes, len(c.changes))
     else:
-        key = lambda c: (len(c.changes), -c.tokens, c.estimate.device_total_bytes)
+        key = lambda c: (len(c.changes), -c.tokens, c.device_total_bytes)
     fitting.sort(key=key)
     return Plan(gpu, req, evaluations, tuple(fitting[:limit]))
