@@ -214,3 +214,17 @@ def test_fused_expert_lora_strands_the_down_pair_only_where_no_freed_logits_bloc
     assert stranded("qwen3-30b-a3b", batch_size=2) == 0  # 768 MiB gradient fits the 2.3 GiB fp32 logits block
     assert stranded("qwen3-30b-a3b", trainer="trl") > 0  # TRL's fused head frees no logits block
     assert stranded("deepseek-v3", lora_targets="attention") == 0
+
+
+def test_a_config_shipping_a_prequantised_checkpoint_says_what_dtype_the_weights_are_costed_in(tmp_path):
+    import json
+
+    from vramplan.estimator import estimate
+
+    cfg = {**resolve_model("gpt-oss-20b").arch.hf_config, "num_hidden_layers": 2,
+           "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    (note,) = estimate(str(path), "lora").notes
+    assert "mxfp4" in note and "bf16" in note
+    assert estimate("gpt-oss-20b", "lora").notes == ()

@@ -116,7 +116,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
         breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved,
         device_total_bytes=reserved + sum(v for k, v in outside.items() if k != HOST_ACTIVATIONS),
-        outside_allocator=outside, attention=kernel.name, notes=weight_notes(st, setup),
+        outside_allocator=outside, attention=kernel.name, notes=weight_notes(st, setup, spec.arch),
         terms={"weights": st.base.total, "adapters": st.adapters, "grads": st.grads, "opt_states": st.opt.in_allocator,
                "opt_transient": st.opt.step_transient, "workspace": CUBLAS_WORKSPACE_BYTES,
                "acts_fwd_peak": fwd.total - fwd.carried, "acts_bwd_loss": at_loss.total - at_loss.carried,
@@ -151,10 +151,22 @@ class ModelStates:
         return self.weights + self.opt.in_allocator + CUBLAS_WORKSPACE_BYTES
 
 
-def weight_notes(st: ModelStates, setup: Setup) -> tuple[str, ...]:
-    """A 4/8-bit base that leaves Linear-like weights unquantised (fused MoE experts, custom
-    routers, nn.Linear subclasses: transformers' bitsandbytes integration converts only
-    `type(m) is nn.Linear`) says how many and what they cost, and what kbit preparation does to them."""
+def weight_notes(st: ModelStates, setup: Setup, arch: ArchConfig) -> tuple[str, ...]:
+    """What the weights' figure assumes where the user might expect otherwise: a config.json that
+    ships a pre-quantised checkpoint (gpt-oss's mxfp4, DeepSeek-V3's fp8) is costed as the `dtype`
+    asked for, i.e. dequantised on load; a 4/8-bit base that leaves Linear-like weights unquantised
+    (fused MoE experts, custom routers, nn.Linear subclasses: transformers' bitsandbytes
+    integration converts only `type(m) is nn.Linear`) says how many and what they cost, and what
+    kbit preparation does to them."""
+    notes = []
+    qc = arch.hf_config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") not in (None, "bitsandbytes"):
+        notes.append(f"the config ships a {qc['quant_method']}-quantised checkpoint; the weights are costed as {setup.dtype} "
+                     f"(dequantised on load, e.g. Mxfp4Config(dequantize=True) for gpt-oss)")
+    return (*notes, *_unquantised_notes(st, setup))
+
+
+def _unquantised_notes(st: ModelStates, setup: Setup) -> tuple[str, ...]:
     n = st.base.unquantised_linear_params
     if not (setup.quantised and n):
         return ()
