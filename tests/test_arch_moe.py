@@ -228,3 +228,20 @@ def test_a_config_shipping_a_prequantised_checkpoint_says_what_dtype_the_weights
     (note,) = estimate(str(path), "lora").notes
     assert "mxfp4" in note and "bf16" in note
     assert estimate("gpt-oss-20b", "lora").notes == ()
+
+
+def test_the_fused_gate_up_gradient_takes_its_own_segment_only_where_nothing_freed_can_hold_it():
+    from vramplan.estimator import fused_gate_up_stranded_bytes
+    from vramplan.setup import make_setup
+    from vramplan.streams import stream_dtypes
+
+    def stranded(model, **opts):
+        spec = resolve_model(model)
+        s = make_setup(spec, method="lora", **opts)
+        return fused_gate_up_stranded_bytes(spec.arch, layout(spec), s, stream_dtypes(s))
+
+    a = resolve_model("llama-4-maverick").arch
+    assert stranded("llama-4-maverick", seq_len=1024) == a.n_experts * 2 * a.intermediate * 1024 * 2  # every expert
+    assert stranded("llama-4-maverick", seq_len=1024, grad_checkpointing=True) == 0  # the forward freed its size
+    assert stranded("qwen3-30b-a3b", seq_len=2048) == 0  # 8 routed rows: the fp32 logits block holds it
+    assert stranded("llama-3.1-8b") == 0  # dense
