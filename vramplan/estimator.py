@@ -106,7 +106,11 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     reserved = reserved_bytes(spec.arch, lay, setup, st, acts, peak=peak, emb_grad=emb_grad)
     # blocks that strand beside the last layer's backward only
     kernel = attention_kernel(spec.arch, setup, dt)
-    stranded = (merged_weight_stranded_bytes(spec.arch, lay, setup, st) + sink_scores_stranded_bytes(spec.arch, setup, kernel.name)
+    merged = merged_weight_stranded_bytes(spec.arch, lay, setup, st)
+    # W'-sized requests cannot use the vocabulary blocks the loss freed either: those stay cached beside them
+    vocab = _freed_vocab_block(spec.arch, setup) and acts.head.saved + max(acts.head.logits + acts.head.fwd_transient,
+                                                                            acts.hold + acts.head.bwd_transient)
+    stranded = (merged + (vocab if merged else 0) + sink_scores_stranded_bytes(spec.arch, setup, kernel.name)
                 + fused_gate_up_stranded_bytes(spec.arch, lay, setup, dt))
     reserved = max(reserved, steady + bwd_candidates[3].total + stranded)
     outside = outside_allocator(st, acts, context_bytes=context_bytes)
