@@ -412,7 +412,7 @@ def fused_gate_up_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, dt
     (m2-q3moe-hf-lora-all-b1s2048 +0.8%); the checkpointed runs strand nothing more (m2-l4mav-hf-lora-ckpt)."""
     if setup.grad_checkpointing or not any(g.moe for g in lay.groups):
         return 0
-    rows = arch.n_experts if arch.model_type == "llama4_text" else arch.experts_per_token
+    rows = arch.n_experts if arch.experts_every_token else arch.experts_per_token
     grad = rows * 2 * (arch.moe_intermediate or arch.intermediate) * micro_batch_tokens(setup) * dt.linear_out
     return grad if grad > _freed_vocab_block(arch, setup) else 0
 

@@ -91,9 +91,11 @@ TRAITS: dict[str, dict[str, Any]] = {
     "mixtral": dict(peft_moe_pattern="mixtral"),
     "qwen2_moe": dict(qkv_bias=True, o_bias=False, shared_expert_gate=True),
     "qwen3_moe": dict(qk_norm=True, peft_moe_pattern="qwen2_moe"),
-    "llama4_text": dict(mlp_module="feed_forward", router_module="router", router_linear=True, experts_in_out=True),
-    "gpt_oss": dict(router_module="router", router_bias=True, expert_bias=True, experts_in_out=True, attn_sinks=True),
-    "deepseek_v3": dict(shared_module="shared_experts", peft_moe_pattern="qwen2_moe"),
+    "llama4_text": dict(mlp_module="feed_forward", router_module="router", router_linear=True, experts_in_out=True,
+                        experts_every_token=True),
+    "gpt_oss": dict(router_module="router", router_bias=True, expert_bias=True, experts_in_out=True, attn_sinks=True,
+                    router_topk_first=True, clamped_swiglu=True),
+    "deepseek_v3": dict(shared_module="shared_experts", peft_moe_pattern="qwen2_moe", router_fp32=True),
 }
 FAMILIES: dict[str, str] = {mt: "gpt2" if mt == "gpt2" else ("moe" if mt in (
     "mixtral", "qwen2_moe", "qwen3_moe", "llama4_text", "gpt_oss", "deepseek_v3") else "llama") for mt in DEFAULTS}
@@ -221,7 +223,8 @@ def arch_from_hf_config(raw: dict[str, Any], name: str = "custom") -> ArchConfig
     norm_names = t.get("norm_names", ("input_layernorm", "post_attention_layernorm"))
     scal = {k: t[k] for k in ("fused_qkv", "fused_gate_up", "qk_norm", "qk_norm_full", "scale_embeddings", "mlp_module",
                               "router_module", "router_linear", "router_bias", "shared_module", "shared_expert_gate",
-                              "expert_bias", "experts_in_out", "peft_moe_pattern", "attn_sinks") if k in t}
+                              "expert_bias", "experts_in_out", "peft_moe_pattern", "attn_sinks", "experts_every_token",
+                              "router_fp32", "router_topk_first", "clamped_swiglu") if k in t}
     return ArchConfig(
         name=name, model_type=mt, hidden=hidden, intermediate=inter, layers=layers, heads=heads, kv_heads=kv_heads,
         head_dim=head_dim, vocab=_posint(cfg, "vocab_size", name), tied=bool(cfg.get("tie_word_embeddings")),

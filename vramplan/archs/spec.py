@@ -96,6 +96,11 @@ class ArchConfig:
     expert_bias: bool = False  # gpt-oss gate_up_proj_bias/down_proj_bias
     experts_in_out: bool = False  # experts stored [E, in, out] (Llama 4, gpt-oss) not [E, out, in]
     peft_moe_pattern: str | None = None  # peft's v4->v5 MoE target conversion ("mixtral", "qwen2_moe")
+    # --- MoE computation (what the forward saves; vramplan.ops.mlp) ----------------------------
+    experts_every_token: bool = False  # every token through every expert by bmm (Llama4TextMoe), not k routed rows
+    router_fp32: bool = False  # router F.linear on an fp32 copy of its input (DeepseekV3TopkRouter)
+    router_topk_first: bool = False  # top-k of the raw logits, softmax over those k only (GptOssTopKRouter)
+    clamped_swiglu: bool = False  # gate.clamp, sigmoid(alpha * gate), (up + 1) * glu (GptOssExperts._apply_gate)
     # --- attention / logits extras ------------------------------------------------------------
     attn_sinks: bool = False  # gpt-oss per-head `sinks` logits (eager/flex kernels only)
     attn_logit_softcap: float | None = None

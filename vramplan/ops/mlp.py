@@ -59,17 +59,17 @@ def router(c: OpContext) -> tuple[Saved, ...]:
     k, E = a.experts_per_token, a.n_experts
     trains = c.base or a.router_module in c.lora
     out = [tok(c, "router.indices", 8, k)]
-    out.append(tok(c, "router.probs", 4, k if a.model_type == "gpt_oss" else E))
-    if trains and a.model_type == "deepseek_v3":
+    out.append(tok(c, "router.probs", 4, k if a.router_topk_first else E))
+    if trains and a.router_fp32:
         # F.linear(hidden_states.type(torch.float32), ...): under the trainer's autocast F.linear
         # casts it back and saves a 16-bit copy (traced: m1-moon-hf-lora-b2s2048, 16 MiB a layer)
         out.append(tok(c, "router.input_cast", 2 if trainer_autocast(c.setup) else 4, H))
     shared_in = [(m, H) for m in ("gate_proj", "up_proj") if m in c.lora and a.shared_expert_intermediate]
     norm = a.norm_names[2] if a.norms_per_layer == 4 else a.norm_names[1]
-    saved = (trains and a.model_type != "deepseek_v3") or (c.base and bool(a.shared_expert_intermediate))
+    saved = (trains and not a.router_fp32) or (c.base and bool(a.shared_expert_intermediate))
     out += linear_inputs(c, tuple(shared_in), in_bytes=c.dt.norm_out, input_name=f"{norm}.output", width=H,
                          saved_by_base=saved, shared_by_lora=True)
-    if a.model_type == "llama4_text":  # hidden_states.repeat(E, 1), saved by the multiply by the scores
+    if a.experts_every_token:  # hidden_states.repeat(E, 1), saved by the multiply by the scores
         out.append(tok(c, "experts.repeated_input", c.dt.linear_out, E * H))
     return tuple(out)
 
@@ -82,7 +82,7 @@ def router(c: OpContext) -> tuple[Saved, ...]:
 # m1-l4scout-hf-lora-b1s2048, m1-moon-hf-lora-b2s2048 (per layer: moe.py:445/465, silu, the gate's
 # product, peft's W'; no gathered states with gate_up frozen).
 def _rows(c: OpContext) -> int:
-    return c.arch.n_experts if c.arch.model_type == "llama4_text" else c.arch.experts_per_token
+    return c.arch.n_experts if c.arch.experts_every_token else c.arch.experts_per_token
 
 
 def _inter(c: OpContext) -> int:
@@ -111,7 +111,7 @@ def experts_gate(c: OpContext) -> tuple[Saved, ...]:
         return ()
     L, rows, inter = c.dt.linear_out, _rows(c), _inter(c)
     out = [tok(c, "experts.gate_up.output", L, rows * 2 * inter)]
-    names = ("gate_clamped", "sigmoid", "glu", "up_plus_one") if c.arch.model_type == "gpt_oss" else ("act",)
+    names = ("gate_clamped", "sigmoid", "glu", "up_plus_one") if c.arch.clamped_swiglu else ("act",)
     out += (tok(c, f"experts.{n}", L, rows * inter) for n in names)
     out += (tok(c, f"experts.{n}.grad", L, rows * inter, BACKWARD) for n in ("gate", "up", "act"))
     return tuple(out)
@@ -124,7 +124,7 @@ def experts_down(c: OpContext) -> tuple[Saved, ...]:
     if not c.moe:
         return ()
     L, H, rows, inter = c.dt.linear_out, c.arch.hidden, _rows(c), _inter(c)
-    grouped = c.arch.model_type != "llama4_text"
+    grouped = not c.arch.experts_every_token
     out = [tok(c, "experts.product", L, rows * inter)] if _trains(c, "down_proj") else []
     out += merged_expert_weights(c, "down_proj")
     out += (tok(c, "experts.down.output.grad", L, (2 if grouped else 1) * rows * H, BACKWARD),
@@ -135,7 +135,7 @@ def experts_down(c: OpContext) -> tuple[Saved, ...]:
 def routing_weights(c: OpContext) -> tuple[Saved, ...]:
     """grouped_mm: the down projection's output [k x H], saved by the multiply by the routing
     weights (they have a gradient through the router). Llama 4 scales before the experts."""
-    if not c.moe or c.arch.model_type == "llama4_text":
+    if not c.moe or c.arch.experts_every_token:
         return ()
     return (tok(c, "experts.down.output", c.dt.linear_out, c.arch.experts_per_token * c.arch.hidden),)
 
