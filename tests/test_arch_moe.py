@@ -245,3 +245,19 @@ def test_the_fused_gate_up_gradient_takes_its_own_segment_only_where_nothing_fre
     assert stranded("llama-4-maverick", seq_len=1024, grad_checkpointing=True) == 0  # the forward freed its size
     assert stranded("qwen3-30b-a3b", seq_len=2048) == 0  # 8 routed rows: the fp32 logits block holds it
     assert stranded("llama-3.1-8b") == 0  # dense
+
+
+def test_the_profiler_hands_peft_what_a_user_would_and_lets_transformers_pick_the_attention():
+    pytest.importorskip("torch")
+    from vramplan.profiler.build import attn_implementation, lora_targets
+    from vramplan.setup import make_setup, profiler_setup
+
+    spec = resolve_model("qwen3-30b-a3b")
+    assert lora_targets(profiler_setup(spec, make_setup(spec, method="lora"))) == {"target_modules": "all-linear"}
+    explicit = lora_targets(profiler_setup(spec, make_setup(spec, method="lora", lora_targets="q_proj,experts.gate_up_proj")))
+    assert explicit["target_modules"] == ["q_proj"] and explicit["target_parameters"] == ["gate_up_proj"]
+    assert explicit["rank_pattern"] == {r".*\.gate_up_proj": 32}  # gate and up fused: rank 2r, as peft's conversion
+    llama4 = resolve_model("llama-4-scout")
+    assert lora_targets(profiler_setup(llama4, make_setup(llama4, method="lora")))["target_modules"] != "all-linear"
+    assert attn_implementation({"attn": "sdpa"}) is None  # transformers' default: eager where a model has no SDPA
+    assert attn_implementation({"attn": "eager"}) == "eager"
