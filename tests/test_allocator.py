@@ -164,8 +164,9 @@ def test_device_total_under_by_at_most_5_percent_except_known():
 
 def test_checkpointed_run_that_drops_its_logits_strands_the_16bit_logits_block():
     from vramplan.catalog import resolve_model
-    from vramplan.estimator import activation_terms, split_vocab_bytes
+    from vramplan.estimator import activation_terms
     from vramplan.layout import layout
+    from vramplan.reserved import split_vocab_bytes
     from vramplan.setup import make_setup
     from vramplan.streams import stream_dtypes
 

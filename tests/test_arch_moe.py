@@ -200,7 +200,8 @@ def test_qlora_on_fused_experts_says_they_stay_unquantised_and_what_kbit_prepare
 
 
 def test_fused_expert_lora_strands_the_down_pair_only_where_no_freed_logits_block_takes_gate_ups_gradient():
-    from vramplan.estimator import merged_weight_stranded_bytes, model_states
+    from vramplan.estimator import model_states
+    from vramplan.reserved import merged_weight_stranded_bytes
     from vramplan.setup import make_setup
 
     def stranded(model, **opts):
@@ -231,7 +232,7 @@ def test_a_config_shipping_a_prequantised_checkpoint_says_what_dtype_the_weights
 
 
 def test_the_fused_gate_up_gradient_takes_its_own_segment_only_where_nothing_freed_can_hold_it():
-    from vramplan.estimator import fused_gate_up_stranded_bytes
+    from vramplan.reserved import fused_gate_up_stranded_bytes
     from vramplan.setup import make_setup
     from vramplan.streams import stream_dtypes
 
