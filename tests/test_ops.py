@@ -387,3 +387,17 @@ def test_an_fp32_adapter_on_down_proj_adds_its_backward_moment_on_16bit_streams_
     assert not _ops("llama-3.1-8b", method="lora", lora_targets="attention")["down_proj_backward"]
     assert not _ops("llama-3.1-8b", method="qlora", trainer="hf")["down_proj_backward"]  # kbit-prepared: fp32 streams
     assert not _ops("llama-3.1-8b", method="qlora", trainer="trl", kbit_prepare=False)["down_proj_backward"]  # 16-bit adapters
+
+
+def test_a_tied_embeddings_gradient_arrives_beside_one_buffer_behind_a_fused_head_two_behind_transformers():
+    from vramplan.estimator import model_states, tied_embedding_grad_bytes
+
+    def extra(**opts):
+        spec, lay, s = _setup("llama-3.2-1b", method="full", **opts)
+        return tied_embedding_grad_bytes(spec.arch, model_states(spec, lay, s).trainable, s)
+
+    vh = 128256 * 2048 * 2  # llama-3.2-1b's tied embedding in bf16
+    assert extra(trainer="hf") == 2 * vh and extra(trainer="plain") == 2 * vh
+    assert extra(trainer="trl") == vh and extra(trainer="hf", liger=True) == vh
+    spec, lay, s = _setup("llama-3.2-1b", method="lora")
+    assert tied_embedding_grad_bytes(spec.arch, model_states(spec, lay, s).trainable, s) == 0

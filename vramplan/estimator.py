@@ -92,7 +92,7 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     dt = stream_dtypes(setup)
     st = model_states(spec, lay, setup)
     acts = activation_terms(spec.arch, lay, setup, dt)
-    emb_grad = tied_embedding_grad_bytes(spec.arch, st.trainable)
+    emb_grad = tied_embedding_grad_bytes(spec.arch, st.trainable, setup)
     fwd, bwd_candidates, step = step_moments(st, acts, emb_grad=emb_grad, top_grads=top_layer_grad_bytes(lay, st.trainable),
                                              first_grads=first_layer_grad_bytes(lay, st.trainable))
     bwd = backward_peak(bwd_candidates)
@@ -256,11 +256,18 @@ def autocast_weight_cache_bytes(arch: ArchConfig, lay: Layout, dt: Dtypes) -> in
     return cache + (2 * lay.embed_params if arch.tied else 0)
 
 
-def tied_embedding_grad_bytes(arch: ArchConfig, tr: Trainable) -> int:
+def tied_embedding_grad_bytes(arch: ArchConfig, tr: Trainable, setup: Setup) -> int:
     """Tied embeddings: the lm_head's gradient becomes .grad first; the embedding's dense gradient
-    then arrives and is accumulated out of place, so two more V x H buffers exist at that moment
-    (measured: every tied full fine-tune peaks there when the step does not)."""
-    return 2 * arch.vocab * arch.hidden * tr.bytes_per_param if (tr.base_trainable and arch.tied) else 0
+    then arrives. Behind transformers' head it is accumulated out of place, so two more V x H
+    buffers exist at that moment (measured: every tied full fine-tune of the plain loop peaks there
+    when the step does not); behind TRL's and Liger's fused heads, whose kernels hand back a
+    grad_weight of their own that .grad takes over, only the incoming one does (measured:
+    tr-l1b-trl-full-b2s1024, tr-q15-trl-full-b2s1024, tr-l1b-hf-full-liger-b2s1024 end backward
+    one V x H above their gradients, +0.5 GiB where the two-buffer rule gave +1.0)."""
+    if not (tr.base_trainable and arch.tied):
+        return 0
+    buffers = 1 if (setup.trainer == "trl" or setup.liger) else 2
+    return buffers * arch.vocab * arch.hidden * tr.bytes_per_param
 
 
 class Moment(NamedTuple):
