@@ -22,7 +22,8 @@ def _est(**kw):
 def test_json_schema_has_the_documented_keys():
     d = json.loads(json.dumps(_est(method="lora").to_dict()))
     assert set(d) >= {"model", "setup", "peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes",
-                      "peak_phase", "breakdown", "phases", "outside_allocator_bytes"}
+                      "peak_phase", "breakdown", "phases", "outside_allocator_bytes", "attention_kernel", "notes"}
+    assert d["attention_kernel"] in ("flash", "efficient", "math", "eager") and d["notes"] == []
     assert set(d["model"]) == {"name", "params_total", "params_trainable"}
     assert d["peak_allocated_bytes"] == sum(d["breakdown"].values()) == max(d["phases"].values())
     assert d["peak_reserved_bytes"] >= d["peak_allocated_bytes"]
