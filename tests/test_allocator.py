@@ -49,11 +49,6 @@ KNOWN_UNDER = {"g9b-lora-ckpt-b1s2048", "l1b-full-adafactor-b2s1024", "l3b-fsdp-
                # eager attention under checkpointing: the recompute's s x s score blocks strand
                "l1b-full-eager-ckpt-b2s2048",
                "l8b-lora-int8-ckpt-b2s1024",
-               # DDP allocates nothing on its communication stream (the reducer all-reduces its
-               # init-time buckets in place): reserved grows from step 1 to step 2 by 2 x 4749 MiB,
-               # two fp32 logits blocks (4 B x tokens x vocab) that the first step's 5890 MiB of
-               # per-tensor AdamW states were carved from, more than persistent + vocab peak counts
-               "d2-ddp-q15b-full-ckpt-b4s2048@r0", "d2-ddp-q15b-full-ckpt-b4s2048@r1",
                # ZeRO-3 LoRA: the gathered frozen parameters live in the all-gather stream's pool
                # (partitioned_param_coordinator.py allocates them under __allgather_stream); how
                # its vocabulary-sized embedding/lm_head blocks fragment there is not modelled

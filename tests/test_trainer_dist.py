@@ -96,3 +96,22 @@ def test_fsdp2_gradient_shards_stay_reserved_on_the_reduce_scatter_stream_until_
     assert fsdp_reduce_scatter_pool_bytes(make_parallel(gpus=2, fsdp="full_shard", offload="params"), 10**6,
                                           grads_alive=False) == 0  # the shards go to the host
     assert fsdp_reduce_scatter_pool_bytes(make_parallel(gpus=2), 10**6, grads_alive=False) == 0  # DDP
+
+
+def test_ddp_rebuilt_buckets_strand_only_when_trainer_lets_ddp_rebuild_them():
+    from vramplan.catalog import resolve_model
+    from vramplan.distributed import DDP_BUCKET_CAP_BYTES, ddp_rebuilt_bucket_bytes, make_parallel
+    from vramplan.setup import make_setup
+
+    spec = resolve_model("qwen2.5-1.5b")
+    ddp = make_parallel(gpus=2)
+    ckpt = make_setup(spec, method="full", trainer="hf", grad_checkpointing=True)
+    nockpt = make_setup(spec, method="full", trainer="hf", grad_checkpointing=False)
+    buckets = 3 << 30
+    kept = 1 << 20  # small kept inputs reuse the freed bucket blocks
+    assert ddp_rebuilt_bucket_bytes(ckpt, ddp, buckets=buckets, layers=28, ckpt_input=kept) == buckets - 28 * kept
+    # kept inputs larger than a bucket's block cannot reuse it
+    assert ddp_rebuilt_bucket_bytes(ckpt, ddp, buckets=buckets, layers=28, ckpt_input=DDP_BUCKET_CAP_BYTES + 1) == buckets
+    # without checkpointing Trainer asks DDP to find unused parameters, and DDP never rebuilds
+    assert ddp_rebuilt_bucket_bytes(nockpt, ddp, buckets=buckets, layers=28, ckpt_input=kept) == 0
+    assert ddp_rebuilt_bucket_bytes(ckpt, make_parallel(gpus=2, zero=2), buckets=buckets, layers=28, ckpt_input=kept) == 0
