@@ -22,10 +22,13 @@ def layer_moment_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st:
     """Cached blocks beside the last layer's backward that the step's general pools do not count."""
     merged = merged_weight_stranded_bytes(arch, lay, setup, st)
     # W'-sized requests cannot use the vocabulary blocks the loss freed either: those stay cached beside them
-    vocab = _freed_vocab_block(arch, setup) and a.head.saved + max(a.head.logits + a.head.fwd_transient,
-                                                                   a.hold + a.head.bwd_transient)
-    return (merged + (vocab if merged else 0) + sink_scores_stranded_bytes(arch, setup, kernel)
-            + fused_gate_up_stranded_bytes(arch, lay, setup, dt))
+    vocab = _vocab_peak_bytes(a) if merged and _freed_vocab_block(arch, setup) else 0
+    return merged + vocab + sink_scores_stranded_bytes(arch, setup, kernel) + fused_gate_up_stranded_bytes(arch, lay, setup, dt)
+
+
+def _vocab_peak_bytes(a: ActivationTerms) -> int:
+    """The most vocabulary-sized buffers alive at once: the logits and the loss's."""
+    return a.head.saved + max(a.head.logits + a.head.fwd_transient, a.hold + a.head.bwd_transient)
 
 
 def reserved_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates, a: ActivationTerms, *, peak: int,
@@ -37,7 +40,7 @@ def reserved_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates,
         lay=lay, weight_bytes_per_param=st.dense_bytes, linear_bytes_per_param=0.5 if setup.quantised else None,
         trainable_copies=(1 + same_shape_state_copies(optimizer=setup.optimizer)) if tr.base_trainable else 0,
         trainable_bytes_per_param=tr.bytes_per_param, persistent_bytes=st.steady + st.accum + a.retained,
-        vocab_peak_bytes=head.saved + max(head.logits + head.fwd_transient, a.hold + head.bwd_transient),
+        vocab_peak_bytes=_vocab_peak_bytes(a),
         activation_peak_bytes=a.total - head.saved - a.retained + (a.last.saved + a.last.transient if setup.grad_checkpointing else 0),
         param_shaped_peak_bytes=st.grads + max(opt.step_transient, emb_grad),
         split_vocab_bytes=split_vocab_bytes(arch, setup, a)))
