@@ -4,7 +4,7 @@ host memory per rank."""
 
 from __future__ import annotations
 
-from vramplan.records import is_distributed, load_records, record_name, record_peak
+from vramplan.records import is_distributed, load_records, record_name, record_totals
 
 GiB = 2**30
 
@@ -28,7 +28,7 @@ def main() -> None:
     for rec in load_records():
         if rec.get("status") != "ok" or int(rec.get("world_size", 1)) < 2 or not is_distributed(rec):
             continue
-        est, _ = record_peak(rec)
+        est = record_totals(rec).peak_allocated
         err = est / rec["peak_allocated"] - 1
         errs.append(abs(err))
         if rec.get("rank", 0) == 0:

@@ -19,7 +19,7 @@ from typing import Any
 
 from vramplan.allocator import NCCL_COMMUNICATOR_BYTES, NCCL_INIT_BYTES
 from vramplan.profiler.trainer_dist import record_load_place
-from vramplan.records import is_distributed, load_records, record_distributed, record_estimate, record_name
+from vramplan.records import load_records, record_name, record_totals
 
 OUT = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 MIN_TOL = 0.01  # one per cent either way at least
@@ -28,15 +28,6 @@ SIGN_SLACK = 0.01  # how far past zero a band may reach
 # peak reserved minus managed memory at most the largest single-process context seen (879 MiB,
 # l8b-qlora-paged8-ckpt-b1s4096) plus NCCL's (vramplan.allocator.NCCL_INIT_BYTES) plus 64 MiB.
 MAX_OUTSIDE = 879 * 2**20 + NCCL_INIT_BYTES + 64 * 2**20
-
-
-def _estimate(rec: dict[str, Any]) -> tuple[int, int]:
-    """(peak reserved, device total) per GPU."""
-    if is_distributed(rec):
-        d = record_distributed(rec)
-        return d.per_gpu_reserved_bytes, d.per_gpu_device_total_bytes
-    e = record_estimate(rec)
-    return e.peak_reserved_bytes, e.device_total_bytes
 
 
 def device_comparable(rec: dict[str, Any]) -> bool:
@@ -66,7 +57,7 @@ def current() -> dict[str, dict[str, Any]]:
     for rec in load_records():
         if rec.get("status") != "ok":
             continue
-        res, dev = _estimate(rec)
+        _, _, res, dev = record_totals(rec)
         entry: dict[str, Any] = {"reserved_error": round(res / rec["peak_reserved"] - 1, 4)}
         if device_comparable(rec):
             entry["device_error"] = round(dev / rec["device_used_end"] - 1, 4)

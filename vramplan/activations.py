@@ -93,31 +93,6 @@ class Coefs(NamedTuple):
         return total
 
 
-class Delta(NamedTuple):
-    """One operation's transients less what the operations after it saved (freed by then): the
-    difference of two Coefs, their SPAN terms kept apart so each rounds as its tensor does."""
-
-    tokens: int
-    rows: int
-    scores: int
-    fixed: int
-    span: tuple[int, ...]
-    freed_span: tuple[int, ...]
-
-    @classmethod
-    def of(cls, t: Coefs, freed: Coefs) -> Delta:
-        return cls(t.tokens - freed.tokens, t.rows - freed.rows, t.scores - freed.scores, t.fixed - freed.fixed,
-                   t.span, freed.span)
-
-    def at(self, d: Dims) -> int:
-        total = self.tokens * d.tokens + self.rows * d.batch * d.seq + self.scores * d.batch * d.seq * d.span + self.fixed
-        for k in self.span:
-            total += size_bytes(SPAN, k, d)
-        for k in self.freed_span:
-            total -= size_bytes(SPAN, k, d)
-        return total
-
-
 def coefs(tensors: Iterable[Saved]) -> Coefs:
     by = dict.fromkeys((TOKENS, ROWS, SCORES, FIXED), 0)
     span = []
@@ -138,7 +113,7 @@ class LayerSizes:
     retained: Coefs  # held by the graph past backward
     # each operation's transients (never alive together), with what the operations after it in the
     # layer save: freed by the time its backward runs
-    transients: tuple[Delta, ...]
+    transients: tuple[tuple[Coefs, Coefs], ...]
 
 
 # The operations of LAYER_OPS that run one after another through the layer; the rest (DoRA, the
@@ -159,7 +134,7 @@ def layer_sizes(ops: OpTensors) -> LayerSizes:
             continue
         after = () if name not in SEQUENTIAL_OPS else \
             [t for later, ts in ops[i + 1:] if later in SEQUENTIAL_OPS for t in ts if t.lifetime == SAVED]
-        transients.append(Delta.of(coefs(t for t in tensors if t.lifetime in TRANSIENT), coefs(after)))
+        transients.append((coefs(t for t in tensors if t.lifetime in TRANSIENT), coefs(after)))
     return LayerSizes(
         saved=coefs(t for t in every if t.lifetime == SAVED),
         input_grad=coefs(t for t in every if t.lifetime == SAVED_FOR_INPUT_GRAD),
@@ -174,8 +149,9 @@ def layer_figures(sizes: LayerSizes, d: Dims) -> LayerActs:
     gradients never meet the MLP's saved intermediates); forward transients recur in backward
     when checkpointing recomputes the layer."""
     input_grad = sizes.input_grad.at(d)
-    transient = max((t.at(d) for t in sizes.transients), default=0)
-    transient = max(transient, 0)
+    transient = 0
+    for t, freed in sizes.transients:
+        transient = max(transient, t.at(d) - freed.at(d))
     return LayerActs(saved=sizes.saved.at(d) + input_grad, transient=transient, retained=sizes.retained.at(d),
                      input_grad_only=input_grad)
 
@@ -190,27 +166,38 @@ def first_layer_needs_input_grad(setup: Setup) -> bool:
 # computed once per arch, layout (identities, kept in the value as vramplan.layout caches layouts)
 # and setup without those two; a planner's bisection over them reuses one. Cleared at _CACHE_MAX.
 _SHAPELESS = attrgetter(*(f for f in Setup.__dataclass_fields__ if f not in ("batch_size", "seq_len")))
-_SIZES_CACHE: dict[tuple[int, int, int, tuple[Any, ...]], tuple[ArchConfig, Layout, LayerSizes]] = {}
 _CACHE_MAX = 4096
+_CACHE: dict[tuple[int, int, tuple[Any, ...]], tuple[ArchConfig, Layout, tuple[tuple[LayerGroup, LayerSizes], ...]]] = {}
+
+
+def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup) -> tuple[tuple[LayerGroup, LayerSizes], ...]:
+    """Each layer type's sizes, once per arch, layout and shape-free setup."""
+    key = (id(arch), id(lay), _SHAPELESS(setup))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is arch and hit[1] is lay:
+        return hit[2]
+    sizes = tuple((g, layer_sizes(layer_tensors(arch, lay, setup, g))) for g in lay.groups)
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[key] = (arch, lay, sizes)
+    return sizes
+
+
+def _as_first_layer(layer: LayerActs, setup: Setup) -> LayerActs:
+    """The first layer keeps nothing for its input's gradient unless something before it trains."""
+    if not layer.input_grad_only or first_layer_needs_input_grad(setup):
+        return layer
+    return LayerActs(saved=layer.saved - layer.input_grad_only, transient=layer.transient, retained=layer.retained)
 
 
 def layer_activations(arch: ArchConfig, lay: Layout, setup: Setup, *, first_layer: bool = False,
                       group: LayerGroup | None = None) -> LayerActs:
     """Bytes one decoder layer (of `group`; default the most numerous layer type) saves for
     backward (whole micro-batch), and its backward transient."""
-    key = (id(arch), id(lay), id(group), _SHAPELESS(setup))
-    hit = _SIZES_CACHE.get(key)
-    if hit is not None and hit[0] is arch and hit[1] is lay:
-        sizes = hit[2]
-    else:
-        sizes = layer_sizes(layer_tensors(arch, lay, setup, group))
-        if len(_SIZES_CACHE) >= _CACHE_MAX:
-            _SIZES_CACHE.clear()
-        _SIZES_CACHE[key] = (arch, lay, sizes)
+    group = lay.representative if group is None else group
+    sizes = next(sz for g, sz in _stack_sizes(arch, lay, setup) if g is group)
     layer = layer_figures(sizes, dims_of(setup))
-    if first_layer and not first_layer_needs_input_grad(setup):
-        return LayerActs(saved=layer.saved - layer.input_grad_only, transient=layer.transient, retained=layer.retained)
-    return layer
+    return _as_first_layer(layer, setup) if first_layer else layer
 
 
 class StackActs(NamedTuple):
@@ -224,38 +211,15 @@ class StackActs(NamedTuple):
     retained: int  # every layer's graph-held tensors
 
 
-_STACK_CACHE: dict[tuple[int, int, tuple[Any, ...]], tuple[ArchConfig, Layout, tuple[tuple[LayerGroup | None, LayerSizes], ...]]] = {}
-
-
-def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup) -> tuple[tuple[LayerGroup | None, LayerSizes], ...]:
-    """Each layer type's sizes, once per arch, layout and shape-free setup (as layer_activations)."""
-    key = (id(arch), id(lay), _SHAPELESS(setup))
-    hit = _STACK_CACHE.get(key)
-    if hit is not None and hit[0] is arch and hit[1] is lay:
-        return hit[2]
-    sizes = tuple((g, layer_sizes(layer_tensors(arch, lay, setup, g))) for g in (lay.groups or (None,)))
-    if len(_STACK_CACHE) >= _CACHE_MAX:
-        _STACK_CACHE.clear()
-    _STACK_CACHE[key] = (arch, lay, sizes)
-    return sizes
-
-
 def stack_activations(arch: ArchConfig, lay: Layout, setup: Setup) -> StackActs:
     d = dims_of(setup)
     acts = [(g, layer_figures(sz, d)) for g, sz in _stack_sizes(arch, lay, setup)]
     if len(acts) == 1:  # one layer type (most models): first and last are the same layer
-        first_g, first_full = acts[0]
-        last = first_full
+        first_full = last = acts[0][1]
     else:
-        first_g, first_full = min(acts, key=lambda ga: ga[0].first if ga[0] is not None else 0)
-        last = max(acts, key=lambda ga: ga[0].last if ga[0] is not None else 0)[1]
-    first = first_full
-    if first_full.input_grad_only and not first_layer_needs_input_grad(setup):  # as layer_activations(first_layer=True)
-        first = LayerActs(saved=first_full.saved - first_full.input_grad_only, transient=first_full.transient,
-                          retained=first_full.retained)
-    if first_g is None:
-        return StackActs(first=first, last=last, saved=first_full.saved * (lay.layers - 1) + first.saved,
-                         retained=first_full.retained * lay.layers)
+        first_full = min(acts, key=lambda ga: ga[0].first)[1]
+        last = max(acts, key=lambda ga: ga[0].last)[1]
+    first = _as_first_layer(first_full, setup)
     return StackActs(first=first, last=last, saved=sum(g.count * a.saved for g, a in acts) - first_full.saved + first.saved,
                      retained=sum(g.count * a.retained for g, a in acts))
 
@@ -294,5 +258,5 @@ def offload_kept_bytes(arch: ArchConfig, lay: Layout, setup: Setup) -> tuple[int
     d = dims_of(setup)
     dup = sum(t.nbytes(d) for op, ts in layer_tensors(arch, lay, setup) if op in NORM_OPS
               for t in ts if t.name.endswith(".input_fp32"))
-    working = 3 * stream_dtypes(setup).linear_out * (arch.moe_intermediate or arch.intermediate) * micro_batch_tokens(setup)
+    working = 3 * stream_dtypes(setup).linear_out * arch.expert_intermediate * micro_batch_tokens(setup)
     return dup, working

@@ -219,13 +219,13 @@ def gpu_catalog() -> dict[str, GPU]:
         if not row.get("source"):
             raise AssertionError(f"gpu_specs.yaml: {row['name']}: missing source")
         mem = row["memory_mib"] * MiB
+        ctx, workspace = context.get(row["name"], (DEFAULT_CUDA_CONTEXT_BYTES, HOPPER_CUBLAS_WORKSPACE_BYTES))
         out[row["name"]] = GPU(
             name=row["name"], aliases=tuple(str(a) for a in row.get("aliases", ())), vendor=row["vendor"], memory_bytes=mem,
             usable_bytes=row.get("usable_mib", row["memory_mib"]) * MiB, bandwidth_gbs=float(row["bandwidth_gbs"]),
             bf16_tflops=float(row["bf16_tflops"]), bf16=bool(row.get("bf16", True)),
             price_hour_usd=row.get("price_hour_usd"), source=row["source"],
-            cuda_context_bytes=context.get(row["name"], (DEFAULT_CUDA_CONTEXT_BYTES, 0))[0],
-            cublas_workspace_bytes=context.get(row["name"], (0, HOPPER_CUBLAS_WORKSPACE_BYTES))[1],
+            cuda_context_bytes=ctx, cublas_workspace_bytes=workspace,
         )
     return out
 

@@ -25,14 +25,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vramplan.activations import checkpoint_bytes
 from vramplan.allocator import first_step_flat_bytes, nccl_bytes, side_stream_pool_bytes
 from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.layout import layout
 from vramplan.optimizers import OPTIMIZERS
+from vramplan.reserved import freed_vocab_block
 from vramplan.setup import Setup
-from vramplan.streams import micro_batch_tokens
+from vramplan.streams import micro_batch_tokens, stream_dtypes
 
 FSDP_MODES = ("full_shard", "shard_grad_op", "no_shard")
 OFFLOADS = ("none", "optimizer", "params")
@@ -293,7 +295,7 @@ def zero_reserved_extra_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, t
     # heads.hf_loss_head: logits.float(), the log_softmax output and its gradients, each
     # 4 B x tokens x vocab; TRL's and Liger's fused heads make no vocabulary-sized tensor
     tokens = micro_batch_tokens(setup)
-    vocab_block = 0 if setup.trainer == "trl" or setup.liger else 4 * spec.arch.vocab * tokens
+    vocab_block = freed_vocab_block(spec.arch, setup)
     # the largest activation block: an MLP projection's output, tokens x intermediate in bf16
     # (ZeRO runs the model in bf16, ENGINE_PRECISION)
     act_block = 2 * tokens * max(spec.arch.intermediate, spec.arch.dense_intermediate)
@@ -339,13 +341,6 @@ def ddp_rebuilt_bucket_bytes(setup: Setup, par: Parallel, *, buckets: int, layer
 DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024
 
 
-def _ckpt_input_bytes(spec: ModelSpec, setup: Setup) -> int:
-    """One layer's kept input under checkpointing (the residual stream's dtype x tokens x hidden)."""
-    from vramplan.activations import checkpoint_bytes, stream_dtypes
-
-    return checkpoint_bytes(spec.arch, setup, stream_dtypes(setup))
-
-
 def _grads_alive(gpu: Phases, peak_phase: str, m: _Micro) -> bool:
     """Whether the step's gradient shards exist at its peak: the optimizer step, or a backward
     peak at its end (the activations term is then the gradients' one)."""
@@ -384,7 +379,8 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                                           backward_bytes=phases["backward"], peak_bytes=peak)
     reserved += fsdp_reduce_scatter_pool_bytes(par, m.psi, grads_alive=_grads_alive(gpu, peak_phase, m))
     reserved += ddp_rebuilt_bucket_bytes(setup, par, buckets=gpu["optimizer_step"].get("comm_buckets", 0),
-                                         layers=layout(spec).layers, ckpt_input=_ckpt_input_bytes(spec, setup))
+                                         layers=layout(spec).layers,
+                                         ckpt_input=checkpoint_bytes(spec.arch, setup, stream_dtypes(setup)))
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())

@@ -20,7 +20,7 @@ from vramplan.allocator import DEFAULT_CUDA_CONTEXT_BYTES
 from vramplan.arch import ArchConfig, ModelSpec
 from vramplan.catalog import resolve_model
 from vramplan.errors import VramplanError
-from vramplan.heads import HeadActs
+from vramplan.heads import HeadActs, fused_loss_head
 from vramplan.layout import Layout, layout
 from vramplan.methods import Trainable, trainable
 from vramplan.optimizers import OptimizerBytes, optimizer_bytes
@@ -266,7 +266,7 @@ def tied_embedding_grad_bytes(arch: ArchConfig, tr: Trainable, setup: Setup) -> 
     one V x H above their gradients, +0.5 GiB where the two-buffer rule gave +1.0)."""
     if not (tr.base_trainable and arch.tied):
         return 0
-    buffers = 1 if (setup.trainer == "trl" or setup.liger) else 2
+    buffers = 1 if fused_loss_head(setup) else 2
     return buffers * arch.vocab * arch.hidden * tr.bytes_per_param
 
 

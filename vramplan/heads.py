@@ -39,6 +39,11 @@ class HeadActs:
     bwd_transient: int  # extra at the start of backward (the head's own backward buffers)
 
 
+def fused_loss_head(setup: Setup) -> bool:
+    """TRL's chunked LM head or Liger's fused linear cross-entropy: no vocabulary-sized logits."""
+    return setup.trainer == "trl" or setup.liger
+
+
 def _final_norm_saved(arch: ArchConfig, setup: Setup, *, tokens: int, residual_bytes: int, base: bool,
                       liger: bool) -> int:
     """The final norm: RMSNorm's fp32 input copy and, when its weight trains, the normalised

@@ -97,6 +97,16 @@ class Layout:
         return sum(g.params * g.count for g in self.groups)
 
     @property
+    def representative(self) -> LayerGroup:
+        """The first of the most numerous layer types: the one `linears` and the per-layer figures describe."""
+        return max(self.groups, key=lambda g: g.count)  # max keeps the first of equals
+
+    @property
+    def param_target_modules(self) -> frozenset[str]:
+        """Every fused parameter peft can target through its MoE conversion ("gate", "experts.gate_up_proj", ...)."""
+        return frozenset(pt.module for g in self.groups for pt in g.param_targets)
+
+    @property
     def params_per_layer(self) -> int:
         """A decoder layer's parameters, averaged over the layer types."""
         return self.layer_params_total // max(1, self.layers)
@@ -174,7 +184,7 @@ def _groups(spec: ModelSpec) -> tuple[LayerGroup, ...]:
 
 def _layout(spec: ModelSpec) -> Layout:
     groups = _groups(spec)
-    rep = max(groups, key=lambda g: g.count)  # first of the most numerous (max keeps the first)
+    rep = max(groups, key=lambda g: g.count)  # first of the most numerous (max keeps the first), as Layout.representative
     glob = [t for t in spec.tensors if t.layer is None]
     return Layout(
         layers=spec.arch.layers,

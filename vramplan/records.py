@@ -6,7 +6,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vramplan.arch import arch_from_hf_config, build_spec
 from vramplan.datafiles import data_dir
@@ -94,13 +94,22 @@ def record_distributed(rec: dict[str, Any]) -> DistributedEstimate:
     return estimate_distributed(spec, setup, par)
 
 
-def record_peak(rec: dict[str, Any]) -> tuple[int, str]:
-    """(estimated peak allocated per GPU, its phase) for any record, sharded ones included."""
+class RecordTotals(NamedTuple):
+    """A record's estimated totals per GPU, sharded records included."""
+
+    peak_allocated: int
+    peak_phase: str
+    peak_reserved: int
+    device_total: int
+
+
+def record_totals(rec: dict[str, Any]) -> RecordTotals:
     if is_distributed(rec):
         d = record_distributed(rec)
-        return d.per_gpu_peak_allocated_bytes, d.peak_phase
+        return RecordTotals(d.per_gpu_peak_allocated_bytes, d.peak_phase, d.per_gpu_reserved_bytes,
+                            d.per_gpu_device_total_bytes)
     e = record_estimate(rec)
-    return e.peak_allocated_bytes, e.peak_phase
+    return RecordTotals(e.peak_allocated_bytes, e.peak_phase, e.peak_reserved_bytes, e.device_total_bytes)
 
 
 @dataclass(frozen=True)
@@ -131,7 +140,7 @@ def compare(records: list[dict[str, Any]]) -> list[Comparison]:
     for r in records:
         if r.get("status") != "ok":
             continue
-        est, phase = record_peak(r)
+        est, phase, _, _ = record_totals(r)
         method = r["setup"]["method"] + (f" ({r['engine']})" if is_distributed(r) else "")
         out.append(Comparison(record_name(r), method, r["peak_allocated"], est, _measured_phase(r), phase))
     return out

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 from vramplan.allocator import peak_reserved_bytes, same_shape_state_copies, step_pools
 from vramplan.arch import ArchConfig
+from vramplan.heads import fused_loss_head
 from vramplan.layout import Layout
 from vramplan.setup import Setup
-from vramplan.streams import Dtypes, micro_batch_tokens, stream_dtypes
+from vramplan.streams import Dtypes, micro_batch_tokens
 
 if TYPE_CHECKING:
     from vramplan.estimator import ActivationTerms, ModelStates
@@ -22,8 +23,8 @@ def layer_moment_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st:
     """Cached blocks beside the last layer's backward that the step's general pools do not count."""
     merged = merged_weight_stranded_bytes(arch, lay, setup, st)
     # W'-sized requests cannot use the vocabulary blocks the loss freed either: those stay cached beside them
-    vocab = _vocab_peak_bytes(a) if merged and _freed_vocab_block(arch, setup) else 0
-    return merged + vocab + sink_scores_stranded_bytes(arch, setup, kernel) + fused_gate_up_stranded_bytes(arch, lay, setup, dt)
+    vocab = _vocab_peak_bytes(a) if merged and freed_vocab_block(arch, setup) else 0
+    return merged + vocab + sink_scores_stranded_bytes(arch, setup, dt, kernel) + fused_gate_up_stranded_bytes(arch, lay, setup, dt)
 
 
 def _vocab_peak_bytes(a: ActivationTerms) -> int:
@@ -77,13 +78,13 @@ def merged_weight_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st
     if not pairs:
         return 0
     gate_up, down = max(pairs)
-    return 2 * down if gate_up > _freed_vocab_block(arch, setup) else 0
+    return 2 * down if gate_up > freed_vocab_block(arch, setup) else 0
 
 
-def _freed_vocab_block(arch: ArchConfig, setup: Setup) -> int:
+def freed_vocab_block(arch: ArchConfig, setup: Setup) -> int:
     """The largest block the loss frees before the layers' backward: transformers' head leaves
-    the fp32 logits' (4 B x tokens x vocab); TRL's and Liger's fused heads build no logits."""
-    return 0 if (setup.trainer == "trl" or setup.liger) else 4 * arch.vocab * micro_batch_tokens(setup)
+    the fp32 logits' (heads.hf_loss_head: 4 B x tokens x vocab); fused heads build no logits."""
+    return 0 if fused_loss_head(setup) else 4 * arch.vocab * micro_batch_tokens(setup)
 
 
 def fused_gate_up_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, dt: Dtypes) -> int:
@@ -97,12 +98,11 @@ def fused_gate_up_stranded_bytes(arch: ArchConfig, lay: Layout, setup: Setup, dt
     (m2-q3moe-hf-lora-all-b1s2048 +0.8%); the checkpointed runs strand nothing more (m2-l4mav-hf-lora-ckpt)."""
     if setup.grad_checkpointing or not any(g.moe for g in lay.groups):
         return 0
-    rows = arch.n_experts if arch.experts_every_token else arch.experts_per_token
-    grad = rows * 2 * (arch.moe_intermediate or arch.intermediate) * micro_batch_tokens(setup) * dt.linear_out
-    return grad if grad > _freed_vocab_block(arch, setup) else 0
+    grad = arch.expert_rows * 2 * arch.expert_intermediate * micro_batch_tokens(setup) * dt.linear_out
+    return grad if grad > freed_vocab_block(arch, setup) else 0
 
 
-def sink_scores_stranded_bytes(arch: ArchConfig, setup: Setup, kernel: str) -> int:
+def sink_scores_stranded_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes, kernel: str) -> int:
     """gpt-oss eager attention (modeling_gpt_oss.py eager_attention_forward): the scaled scores and
     the masked scores are two b x h x s x s blocks; the sinks make every later score-sized tensor
     (the concatenation, the shifted logits, the probabilities and their gradients) one column
@@ -111,6 +111,6 @@ def sink_scores_stranded_bytes(arch: ArchConfig, setup: Setup, kernel: str) -> i
     TRL's and Liger's fused heads do not. Measured: m2-gptoss-trl-lora-b2s2048 and
     h4-gptoss-trl-qlora-b2s2048 reserve 1.5 and 2.2 GiB more than the rest of the model explains,
     with 1 GiB score blocks; the Trainer runs (m1-gptoss-*) do not."""
-    if not arch.attn_sinks or kernel != "eager" or (setup.trainer != "trl" and not setup.liger):
+    if not arch.attn_sinks or kernel != "eager" or not fused_loss_head(setup):
         return 0
-    return 2 * setup.batch_size * arch.heads * setup.seq_len * setup.seq_len * stream_dtypes(setup).linear_out
+    return 2 * setup.batch_size * arch.heads * setup.seq_len * setup.seq_len * dt.linear_out

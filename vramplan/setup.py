@@ -76,7 +76,7 @@ def resolve_targets(model: ModelSpec, targets: str | list[str] | tuple[str, ...]
     ('q_proj,v_proj', 'experts.gate_up_proj')."""
     lay = layout(model)
     linear = {lm.module for g in lay.groups for lm in g.linears}
-    params = {pt.module for g in lay.groups for pt in g.param_targets}
+    params = lay.param_target_modules
     available = linear | params
     if not available:
         raise VramplanError(f"model {model.name!r} has no Linear modules LoRA can target")
@@ -109,8 +109,7 @@ def _param_target_dropout(model: ModelSpec, targets: tuple[str, ...], dropout: f
     which raises "lora.ParamWrapper does not work with lora_dropout != 0" (peft/tuners/lora/layer.py;
     verified on tiny Qwen3-MoE/Mixtral/DeepSeek-V3 with target_modules="all-linear"). With such
     targets the default dropout is 0; a dropout the user gave is refused as peft refuses it."""
-    params = {pt.module for g in layout(model).groups for pt in g.param_targets}
-    hit = sorted(params.intersection(targets))
+    hit = sorted(layout(model).param_target_modules.intersection(targets))
     if not hit or dropout == 0:
         return dropout
     if given:
@@ -222,7 +221,7 @@ def profiler_setup(model: ModelSpec, setup: Setup, **extra: Any) -> dict[str, An
     d = setup.to_dict()
     d.update(model=model.name, hf_config=model.arch.hf_config, lora_targets_resolved=list(setup.lora_targets), **extra)
     if setup.method in ("lora", "qlora"):
-        params = {pt.module for g in layout(model).groups for pt in g.param_targets}
+        params = layout(model).param_target_modules
         # the worker hands peft "all-linear" itself where that is what resolved, so peft's own MoE
         # conversion (router weight, fused experts at rank 2r) runs as it does for users
         # (not where all-linear had to leave out a router peft cannot wrap: Llama 4)

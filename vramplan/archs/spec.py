@@ -133,6 +133,16 @@ class ArchConfig:
     def mla(self) -> bool:
         return self.kv_lora_rank > 0
 
+    @property
+    def expert_rows(self) -> int:
+        """Expert rows each token runs through: every expert (experts_every_token), else the k routed."""
+        return self.n_experts if self.experts_every_token else self.experts_per_token
+
+    @property
+    def expert_intermediate(self) -> int:
+        """One expert's intermediate width (the dense width where the config gives no MoE one)."""
+        return self.moe_intermediate or self.intermediate
+
     def attention_of(self, i: int) -> str:
         return self.layer_attention[i] if self.layer_attention else "full"
 

@@ -5,6 +5,7 @@ Backward holds the gradients of the widest intermediates."""
 
 from __future__ import annotations
 
+from vramplan.methods import adapter_bytes
 from vramplan.ops.linear import linear_inputs
 from vramplan.ops.tensors import BACKWARD, FIXED, OpContext, Saved, sized, tok
 from vramplan.streams import trainer_autocast
@@ -81,24 +82,16 @@ def router(c: OpContext) -> tuple[Saved, ...]:
 # only for a weight that has a gradient. Traced: m1-q3moe-hf-lora-b2s2048, m1-gptoss-hf-lora-b1s2048,
 # m1-l4scout-hf-lora-b1s2048, m1-moon-hf-lora-b2s2048 (per layer: moe.py:445/465, silu, the gate's
 # product, peft's W'; no gathered states with gate_up frozen).
-def _rows(c: OpContext) -> int:
-    return c.arch.n_experts if c.arch.experts_every_token else c.arch.experts_per_token
-
-
-def _inter(c: OpContext) -> int:
-    return c.arch.moe_intermediate or c.arch.intermediate
-
-
 def experts_up(c: OpContext) -> tuple[Saved, ...]:
     """gate_up's input when gate_up trains (the gathered hidden states; Llama 4 the score-scaled
     repeat), peft's merged gate_up W'; backward: the gradients of its output [2I] and input [H],
     and W's full-size gradient."""
     if not c.moe:
         return ()
-    L, H, rows = c.dt.linear_out, c.arch.hidden, _rows(c)
+    L, H, rows = c.dt.linear_out, c.arch.hidden, c.arch.expert_rows
     out = [tok(c, "experts.gate_up.input", L, rows * H)] if _trains(c, "gate_up_proj") else []
     out += merged_expert_weights(c, "gate_up_proj")
-    out += (tok(c, "experts.gate_up.output.grad", L, rows * 2 * _inter(c), BACKWARD),
+    out += (tok(c, "experts.gate_up.output.grad", L, rows * 2 * c.arch.expert_intermediate, BACKWARD),
             tok(c, "experts.gate_up.input.grad", L, rows * H, BACKWARD))
     return tuple(out) + _merged_grad(c, "gate_up_proj")
 
@@ -109,7 +102,7 @@ def experts_gate(c: OpContext) -> tuple[Saved, ...]:
     _apply_gate); backward: the gradients of the gate, the up half and the activation."""
     if not c.moe:
         return ()
-    L, rows, inter = c.dt.linear_out, _rows(c), _inter(c)
+    L, rows, inter = c.dt.linear_out, c.arch.expert_rows, c.arch.expert_intermediate
     out = [tok(c, "experts.gate_up.output", L, rows * 2 * inter)]
     names = ("gate_clamped", "sigmoid", "glu", "up_plus_one") if c.arch.clamped_swiglu else ("act",)
     out += (tok(c, f"experts.{n}", L, rows * inter) for n in names)
@@ -123,7 +116,7 @@ def experts_down(c: OpContext) -> tuple[Saved, ...]:
     gradient."""
     if not c.moe:
         return ()
-    L, H, rows, inter = c.dt.linear_out, c.arch.hidden, _rows(c), _inter(c)
+    L, H, rows, inter = c.dt.linear_out, c.arch.hidden, c.arch.expert_rows, c.arch.expert_intermediate
     grouped = not c.arch.experts_every_token
     out = [tok(c, "experts.product", L, rows * inter)] if _trains(c, "down_proj") else []
     out += merged_expert_weights(c, "down_proj")
@@ -145,7 +138,7 @@ def merged_expert_weights(c: OpContext, param: str) -> tuple[Saved, ...]:
     torch.baddbmm(W, B, A) into a full-size W' (peft/tuners/lora/layer.py _LoraFactorsProxy), which
     the expert matmul saves for its input's gradient, plus the 16-bit casts of the two factors
     (traced: m1-q3moe-hf-lora-b2s2048, layer.py:2296 a [E, H, I] down_proj copy per layer)."""
-    if not c.lora or c.group is None:
+    if not c.lora:
         return ()
     wb = 4 if (c.setup.precision in ("fp32", "mixed") or (c.setup.quantised and c.setup.kbit_prepare)) else 2
     out = []
@@ -191,8 +184,6 @@ def down_proj_backward(c: OpContext) -> tuple[Saved, ...]:
     same branch without the first two. Measured: LoRA runs whose peak is the last layer's backward
     were under by about (2H + 2I) bytes per token without it (t3-q3-17b-trl-lora-b4s2048,
     tr-l8b-trl-lora-b4s1024, h2-mis7b-trl-lora-b2s2048: 10.1, 9.9, 9.9 bytes per token and hidden unit)."""
-    from vramplan.methods import adapter_bytes
-
     if c.moe or c.gpt2 or "down_proj" not in c.lora or "down_proj" not in c.mods:
         return ()
     # 16-bit streams only: a kbit-prepared base's fp32 streams need no peft cast (and its runs,

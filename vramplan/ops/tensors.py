@@ -95,23 +95,20 @@ class OpContext:
     dtypes: dict[int, str]  # dtype name by bytes per element
     gpt2: bool  # GPT-2 family (LayerNorm, Conv1D c_attn/c_proj, GELU MLP, dropout)
     moe: bool  # this layer routes to experts
-    group: LayerGroup | None  # the layer type (vramplan.layout); None: the representative layer
+    group: LayerGroup  # the layer type (vramplan.layout)
 
 
 def op_context(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes, kernel: AttnKernel,
                group: LayerGroup | None = None) -> OpContext:
     """One layer of `group` (default: the most numerous layer type, whose Linears lay.linears are)."""
     gemma = arch.model_type.startswith("gemma")
-    if group is None and lay.groups:
-        group = max(lay.groups, key=lambda g: g.count)  # the first of the most numerous, as Layout.linears
-    linears = group.linears if group is not None else lay.linears
-    moe = group.moe if group is not None else arch.family == "moe"
+    group = lay.representative if group is None else group
     return OpContext(
-        arch=arch, setup=setup, dt=dt, kernel=kernel, linears=linears, mods={lm.module: lm for lm in linears},
+        arch=arch, setup=setup, dt=dt, kernel=kernel, linears=group.linears, mods={lm.module: lm for lm in group.linears},
         base=setup.method in ("full", "galore"), lora=setup.lora_targets if setup.method in ("lora", "qlora") else (),
         normalised=4 if (gemma or dt.norm_out == 4) else 2,  # GemmaRMSNorm multiplies in fp32
         dtypes={1: "bool", 2: "fp16" if setup.dtype == "fp16" else "bf16", 4: "fp32", 8: "int64"},
-        gpt2=arch.family == "gpt2", moe=moe, group=group,
+        gpt2=arch.family == "gpt2", moe=group.moe, group=group,
     )
 
 
