@@ -139,3 +139,24 @@ def test_fp32_gqa_attention_falls_back_to_the_math_kernel_and_costs_seq_squared(
     a = _est(method="qlora", seq_len=2048).breakdown["activations"]
     b = _est(method="qlora", seq_len=4096).breakdown["activations"]
     assert b > 2.5 * a  # quadratic term dominates
+
+
+def test_llm_int8_keeps_down_proj_outlier_columns_of_randomly_initialised_weights():
+    from vramplan.catalog import resolve_model
+    from vramplan.int8_outliers import down_proj_outlier_fraction, int8_subA_bytes
+    from vramplan.layout import layout
+    from vramplan.setup import make_setup
+
+    l8b, l1b = resolve_model("llama-3.1-8b"), resolve_model("llama-3.2-1b")
+    # hidden 4096: act(gate) x up ~ N(0, 1.28^2) products, one element in 300 past 6.0: every column
+    assert down_proj_outlier_fraction(l8b.arch, 2048, 4096) > 0.99
+    # hidden 2048: about one column in ten; more rows, more columns
+    assert 0.05 < down_proj_outlier_fraction(l1b.arch, 2048, 2048) < 0.2
+    assert down_proj_outlier_fraction(l1b.arch, 8192, 2048) > down_proj_outlier_fraction(l1b.arch, 2048, 2048)
+    s = make_setup(l8b, method="lora", dtype="int8", trainer="hf", grad_checkpointing=True, batch_size=2, seq_len=1024)
+    sub = int8_subA_bytes(l8b.arch, layout(l8b), s, 4)
+    assert 0.99 * 32 * 2048 * 14336 * 4 < sub <= 32 * 2048 * 14336 * 4
+    assert int8_subA_bytes(l8b.arch, layout(l8b), make_setup(l8b, method="lora", trainer="hf"), 4) == 0
+    e = estimate("llama-3.1-8b", "lora", dtype="int8", trainer="hf", grad_checkpointing=True, batch_size=2, seq_len=1024)
+    assert any("upper bound" in n and "down_proj" in n for n in e.notes)
+    assert e.terms["retained"] > sub

@@ -14,11 +14,7 @@ from .conftest import SHARED_REFERENCE
 
 # Records the model is known to miss, each with the reason. The test pins their current error so
 # that fixing one forces its removal here. Nothing else is exempt.
-KNOWN_GAPS = {
-    # bitsandbytes LLM.int8 under gradient checkpointing keeps data-dependent outlier/quantisation
-    # buffers in MatMul8bitLt ctx.tensors beyond the inputs the model counts (see the README).
-    "l8b-lora-int8-ckpt-b2s1024": (-0.16, -0.10),
-}
+KNOWN_GAPS: dict[str, tuple[float, float]] = {}
 
 
 def _records():

@@ -21,6 +21,7 @@ from vramplan.arch import ArchConfig, ModelSpec
 from vramplan.catalog import resolve_model
 from vramplan.errors import VramplanError
 from vramplan.heads import HeadActs, fused_loss_head
+from vramplan.int8_outliers import int8_outlier_notes, int8_subA_bytes
 from vramplan.layout import Layout, layout
 from vramplan.methods import Trainable, trainable
 from vramplan.optimizers import OptimizerBytes, optimizer_bytes
@@ -115,7 +116,8 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
         breakdown=parts, phases=phases, peak_phase=peak_phase, peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved,
         device_total_bytes=reserved + sum(v for k, v in outside.items() if k != HOST_ACTIVATIONS),
-        outside_allocator=outside, attention=kernel.name, notes=weight_notes(st, setup, spec.arch),
+        outside_allocator=outside, attention=kernel.name,
+        notes=(*weight_notes(st, setup, spec.arch), *int8_outlier_notes(spec.arch, lay, setup, dt.residual)),
         terms={"weights": st.base.total, "adapters": st.adapters, "grads": st.grads, "opt_states": st.opt.in_allocator,
                "opt_transient": st.opt.step_transient, "workspace": CUBLAS_WORKSPACE_BYTES,
                "acts_fwd_peak": fwd.total - fwd.carried, "acts_bwd_loss": at_loss.total - at_loss.carried,
@@ -237,7 +239,8 @@ def activation_terms(arch: ArchConfig, lay: Layout, setup: Setup, dt: Dtypes) ->
         host -= min(host, layers_saved)
     return ActivationTerms(layer=stack.first, last=stack.last, head=head, hold=head.logits if setup.hold_outputs else 0,
                            ckpt_input=ckpt_input, layers_saved=layers_saved, host=host,
-                           autocast_cache=autocast_weight_cache_bytes(arch, lay, dt), retained=stack.retained)
+                           autocast_cache=autocast_weight_cache_bytes(arch, lay, dt),
+                           retained=stack.retained + int8_subA_bytes(arch, lay, setup, dt.residual))
 
 
 def checkpoint_input_bytes(arch: ArchConfig, setup: Setup, dt: Dtypes) -> int:

@@ -11,6 +11,7 @@ from vramplan.allocator import peak_reserved_bytes, same_shape_state_copies, ste
 from vramplan.arch import ArchConfig
 from vramplan.heads import fused_loss_head
 from vramplan.layout import Layout
+from vramplan.optimizers import OPTIMIZERS
 from vramplan.setup import Setup
 from vramplan.streams import Dtypes, micro_batch_tokens
 
@@ -37,14 +38,37 @@ def reserved_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates,
     """Peak reserved: the peak allocated plus the caching allocator's rounding and stranding
     (vramplan.allocator), from the step's tensors grouped by lifetime and size class."""
     tr, head, opt = st.trainable, a.head, st.opt
-    return peak_reserved_bytes(peak_allocated_bytes=peak, pools=step_pools(
+    own = oversize_step_transient_bytes(arch, setup, st)
+    return own + peak_reserved_bytes(peak_allocated_bytes=peak - own, pools=step_pools(
         lay=lay, weight_bytes_per_param=st.dense_bytes, linear_bytes_per_param=0.5 if setup.quantised else None,
         trainable_copies=(1 + same_shape_state_copies(optimizer=setup.optimizer)) if tr.base_trainable else 0,
         trainable_bytes_per_param=tr.bytes_per_param, persistent_bytes=st.steady + st.accum + a.retained,
         vocab_peak_bytes=_vocab_peak_bytes(a),
         activation_peak_bytes=a.total - head.saved - a.retained + (a.last.saved + a.last.transient if setup.grad_checkpointing else 0),
-        param_shaped_peak_bytes=st.grads + max(opt.step_transient, emb_grad),
+        param_shaped_peak_bytes=st.grads + max(0 if own else opt.step_transient, emb_grad),
         split_vocab_bytes=split_vocab_bytes(arch, setup, a)))
+
+
+def oversize_step_transient_bytes(arch: ArchConfig, setup: Setup, st: ModelStates) -> int:
+    """transformers' Adafactor steps one tensor at a time over fp32 copies of it (the gradient and
+    the weight upcast, the squared gradient, the factored update: optimization.py Adafactor.step),
+    three of them alive at once (vramplan.optimizers). For the largest tensor such a copy, four bytes
+    a parameter, is larger than any activation block, so only a freed vocabulary block (the loss's
+    fp32 tensors, 4 B x tokens x vocab) can serve it -- and only where one still has room beside
+    the gradients backward carved from it: the embedding's 16-bit gradient, too large for any
+    activation block itself, lands in one. When a copy is more than half such a block, each takes
+    a segment of its own beside every pool of the step. Measured: t5-l1b-full-adafactor-b2s1024
+    allocates three new 1002 MiB segments in its first optimizer step (copies of the 1002 MiB
+    embedding against 1002 MiB vocabulary blocks, two of them holding gradients);
+    h4-smol17-hf-full-adafactor-b4s1024's 384 MiB copies fit its 768 MiB blocks and add none."""
+    if not OPTIMIZERS[setup.optimizer].factored or setup.method == "galore" or st.trainable.bytes_per_param != 2:
+        return 0
+    copy = 4 * st.trainable.largest
+    # no activation is wider than the MLP's intermediate, nor more than four bytes an element
+    widest_activation = 4 * max(arch.intermediate, arch.hidden) * micro_batch_tokens(setup)
+    if copy <= widest_activation or 2 * copy <= freed_vocab_block(arch, setup):
+        return 0
+    return st.opt.step_transient
 
 
 def split_vocab_bytes(arch: ArchConfig, setup: Setup, a: ActivationTerms) -> int:

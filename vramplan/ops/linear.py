@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from vramplan.ops.lora import adapter_input
 from vramplan.ops.tensors import RETAINED, OpContext, Saved, tok
+from vramplan.streams import trainer_autocast
 
 
 def linear_inputs(c: OpContext, modules: tuple[tuple[str, int], ...], *, in_bytes: int, input_name: str, width: int,
@@ -30,10 +31,15 @@ def int8_inputs(c: OpContext) -> tuple[Saved, ...]:
     """bitsandbytes MatMul8bitLt.forward stores its input A in ctx.tensors (not
     save_for_backward), so backward does not free it: it lives as long as the graph, through the
     optimizer step, and checkpointing does not remove it. Distinct inputs per layer: attention
-    input (shared by q/k/v), o_proj input, MLP input (shared by gate/up), down's."""
+    input (shared by q/k/v), o_proj input, MLP input (shared by gate/up), down's. The attention
+    output o_proj reads is 16-bit under Trainer's autocast (scaled_dot_product_attention is on
+    its lower-precision list) whatever q/k/v are (traced: t5-l8b-lora-int8-ckpt-b2s1024, 32 bf16
+    16 MiB sdpa outputs beside fp32 norm outputs); what MatMul8bitLt adds of its input (subA) is
+    vramplan.int8_outliers'."""
     if c.setup.dtype != "int8":
         return ()
     a, r = c.arch, c.dt.residual
     o_in = a.hidden if c.gpt2 else a.q_dim
-    return (tok(c, "qkv_proj.input", r, a.hidden, RETAINED), tok(c, "o_proj.input", r, o_in, RETAINED),
+    o_bytes = 2 if trainer_autocast(c.setup) else r
+    return (tok(c, "qkv_proj.input", r, a.hidden, RETAINED), tok(c, "o_proj.input", o_bytes, o_in, RETAINED),
             tok(c, "mlp.input", r, a.hidden, RETAINED), tok(c, "down_proj.input", r, a.intermediate, RETAINED))

@@ -35,7 +35,7 @@ from vramplan.profiler.trainer_dist import (
     local_rank,
     parallel_args,
 )
-from vramplan.profiler.worker import _managed_bytes, recorded_case, summarise_trace
+from vramplan.profiler.worker import _managed_bytes, dump_events, recorded_case, summarise_trace
 
 # Trainer's `optim` names for vramplan's optimizers (transformers training_args.py OptimizerNames).
 HF_OPTIM = {"adamw": "adamw_torch", "adamw-fused": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit",
@@ -221,13 +221,16 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
     rec_steps: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
+        early = trace and bool(os.environ.get("VRAMPLAN_EVENTS_DIR"))  # the replay needs the segments loading made
+        if early:
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         init_process_group(setup)
         args = make_args(setup, os.path.join(tmp, "out"))
         model = build_trainer_model(setup, build_device(load_place(setup), dev), os.path.join(tmp, "ckpt"))
         alloc_after_load = torch.cuda.memory_allocated() - base
         tr = make_trainer(setup, model, args, _callback(base, rec_steps, steps - 1 if trace else None))
         load_s = time.time() - t0
-        if trace:
+        if trace and not early:
             torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         tr.train()
         snap = torch.cuda.memory._snapshot() if trace else None
@@ -255,6 +258,7 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
         if snap is not None:  # this rank's device first: summarise_trace reads device_traces[0]
             snap["device_traces"] = [snap["device_traces"][dev.index]]
             rec["trace"] = summarise_trace(snap)
+            dump_events(snap, str(setup.get("name", "case")) + (f"@r{local_rank()}" if int(setup.get("gpus", 1)) > 1 else ""))
     return rec
 
 

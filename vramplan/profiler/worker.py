@@ -82,7 +82,9 @@ def run_case(setup: dict[str, Any], *, steps: int = 3, trace: bool = False) -> d
         "tokens_per_s": round(b * s * (steps - 1) / tokens_time, 1) if steps > 1 and tokens_time else None,
     }
     if trace:
-        rec["trace"] = summarise_trace(torch.cuda.memory._snapshot())
+        snap = torch.cuda.memory._snapshot()
+        rec["trace"] = summarise_trace(snap)
+        dump_events(snap, str(setup.get("name", "case")))
         torch.cuda.memory._record_memory_history(enabled=None)
     return rec
 
@@ -202,6 +204,28 @@ def _where(frames: list[dict[str, Any]]) -> str:
             if len(picked) == 2:
                 break
     return " < ".join(picked) or (frames[0].get("name", "?") if frames else "?")
+
+
+def dump_events(snapshot: dict[str, Any], name: str) -> None:
+    """With VRAMPLAN_EVENTS_DIR set, write the allocator history of this device (every alloc, free
+    and segment event: action, address, size, stream, allocation site) and the segments at the end
+    to DIR/NAME.jsonl.gz, for scripts/replay_allocator.py to replay offline."""
+    import gzip
+    import os
+
+    out_dir = os.environ.get("VRAMPLAN_EVENTS_DIR")
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with gzip.open(os.path.join(out_dir, f"{name}.jsonl.gz"), "wt", encoding="utf-8") as fh:
+        segs = [{"addr": g["address"], "size": g["total_size"], "stream": g.get("stream", 0),
+                 "pool": g.get("segment_type", ""),
+                 "blocks": [[b["size"], b.get("requested_size", 0), b["state"]] for b in g.get("blocks", [])]}
+                for g in snapshot.get("segments", [])]
+        fh.write(json.dumps({"segments": segs, "marks": {k: v * 512 for k, v in _MARKS.items()}}) + "\n")
+        for ev in snapshot["device_traces"][0]:
+            fh.write(json.dumps([ev["action"], ev["addr"], ev["size"], ev.get("stream", 0),
+                                 _where(ev.get("frames", []))]) + "\n")
 
 
 def summarise_trace(snapshot: dict[str, Any]) -> dict[str, Any]:
