@@ -32,6 +32,11 @@ def main() -> None:
         print(f"shared reference (8 H100 runs): median {100 * r.median_abs:.2f}%, worst {100 * r.worst_abs:.2f}%")
 
 
+# Traced runs the model was changed from: their setups count as in-sample (t6-* keep their
+# allocator histories too, but at the time of writing no term was read off them).
+USED_TRACES = ("t3-", "t4-", "t5-", "m1-", "m2-", "d2-", "d3-")
+
+
 def _card(rec: dict) -> str:
     gpu = "H200" if "H200" in rec.get("gpu", "") else "H100"
     world = int(rec.get("world_size", 1))
@@ -44,18 +49,18 @@ def _key(rec: dict) -> str:
 
 
 def _split(rec: dict, traced: set[str]) -> str:
-    """h2-* (H100), h3-*, h4-* (H200) and m2-* (H200, MoE) were measured after the model they test was
-    written and are held out, unless their setup was traced (t3-*, t4-*, or the run itself) and the
-    model changed from that trace; tr-* and m1-* it was read off, d2-* the multi-GPU runs the
-    sharding terms were fixed from: in-sample."""
-    held = rec["setup"]["name"].startswith(("h2-", "h3-", "h4-", "m2-")) and _key(rec) not in traced
+    """h2-* (H100), h3-*, h4-*, t6-* (H200) and m2-* (H200, MoE) were measured after the model they test
+    was written and are held out, unless the model was since changed from a trace of their setup
+    (USED_TRACES); tr-* and m1-* it was read off, d2-* the multi-GPU runs the sharding terms were
+    fixed from: in-sample."""
+    held = rec["setup"]["name"].startswith(("h2-", "h3-", "h4-", "m2-", "t6-")) and _key(rec) not in traced
     return "held out" if held else "in-sample"
 
 
 def trainer_table(recs: list) -> None:
     """Real-trainer records by trainer, card (and engine, per rank) and held-out split."""
     rows: dict[tuple[str, str, str], list] = defaultdict(list)
-    traced = {_key(r) for r in recs if "trace" in r}
+    traced = {_key(r) for r in recs if "trace" in r and r["setup"]["name"].startswith(USED_TRACES)}
     for r, c in zip([r for r in recs if r.get("status") == "ok"], compare(recs), strict=True):
         tr = r["setup"].get("trainer", "plain")
         if tr == "plain":
