@@ -4,9 +4,11 @@ committed record (and the shared reference when it is beside the checkout)."""
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
+from pathlib import Path
 
-from vramplan.records import compare, load_records, load_reference, reference_path, summarise
+from vramplan.records import compare, load_records, load_reference, record_name, reference_path, summarise
 
 REF = reference_path()
 
@@ -27,6 +29,7 @@ def main() -> None:
     print(f"| **all** | {s.n} | {100 * s.median_abs:.2f}% | {100 * s.worst_abs:.2f}% | {100 * s.worst_under:.2f}% |")
     print(f"\np90 abs error over all records: {100 * s.p90_abs:.2f}%")
     trainer_table(recs)
+    device_table(recs)
     if REF.exists():
         r = summarise(compare(load_reference(REF)))
         print(f"shared reference (8 H100 runs): median {100 * r.median_abs:.2f}%, worst {100 * r.worst_abs:.2f}%")
@@ -35,6 +38,9 @@ def main() -> None:
 # Traced runs the model was changed from: their setups count as in-sample (t6-* keep their
 # allocator histories too, but at the time of writing no term was read off them).
 USED_TRACES = ("t3-", "t4-", "t5-", "m1-", "m2-", "d2-", "d3-")
+# t7-* re-runs of setups measured before (to read their allocator histories): in-sample
+RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
+RESERVED_BASELINE = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 
 
 def _card(rec: dict) -> str:
@@ -53,7 +59,8 @@ def _split(rec: dict, traced: set[str]) -> str:
     was written and are held out, unless the model was since changed from a trace of their setup
     (USED_TRACES); tr-* and m1-* it was read off, d2-* the multi-GPU runs the sharding terms were
     fixed from: in-sample."""
-    held = rec["setup"]["name"].startswith(("h2-", "h3-", "h4-", "m2-", "t6-")) and _key(rec) not in traced
+    name = rec["setup"]["name"]
+    held = name.startswith(("h2-", "h3-", "h4-", "m2-", "t6-", "t7-")) and name not in RERUNS and _key(rec) not in traced
     return "held out" if held else "in-sample"
 
 
@@ -73,6 +80,25 @@ def trainer_table(recs: list) -> None:
         s = summarise(cs)
         print(f"| {tr} | {card} | {split} | {s.n} | {100 * s.median_abs:.2f}% | {100 * s.p90_abs:.2f}% | "
               f"{100 * s.worst_abs:.2f}% | {100 * s.worst_under:.2f}% |")
+
+
+def device_table(recs: list) -> None:
+    """Device totals (what nvidia-smi shows: the fit verdicts' figure) by trainer and held-out
+    split, over the records whose device figure is comparable (data/reserved_baseline.json)."""
+    base = json.loads(RESERVED_BASELINE.read_text(encoding="utf-8"))["records"]
+    traced = {_key(r) for r in recs if "trace" in r and r["setup"]["name"].startswith(USED_TRACES)}
+    rows: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in recs:
+        err = base.get(f'{record_name(r)}@{r.get("date", "")}', {}).get("device_error") if r.get("status") == "ok" else None
+        if err is None:
+            continue
+        tr = r["setup"].get("trainer") or "plain"
+        rows[("plain loop" if tr == "plain" else tr, _split(r, traced))].append(err)
+    print("\n| device total | split | records | median abs error | worst under-estimate | worst over-estimate | under by more than 5% |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (tr, split), errs in sorted(rows.items()):
+        print(f"| {tr} | {split} | {len(errs)} | {100 * statistics.median(abs(e) for e in errs):.2f}% | "
+              f"{100 * min(errs):+.2f}% | {100 * max(errs):+.2f}% | {sum(e < -0.05 for e in errs)} |")
 
 
 if __name__ == "__main__":
