@@ -37,7 +37,7 @@ def main() -> None:
 
 # Traced runs the model was changed from: their setups count as in-sample (t6-* keep their
 # allocator histories too, but at the time of writing no term was read off them).
-USED_TRACES = ("t3-", "t4-", "t5-", "m1-", "m2-", "d2-", "d3-")
+USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "m1-", "m2-", "d2-", "d3-")
 # t7-* re-runs of setups measured before (to read their allocator histories): in-sample
 RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 RESERVED_BASELINE = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"

@@ -401,3 +401,18 @@ def test_a_tied_embeddings_gradient_arrives_beside_one_buffer_behind_a_fused_hea
     assert extra(trainer="trl") == vh and extra(trainer="hf", liger=True) == vh
     spec, lay, s = _setup("llama-3.2-1b", method="lora")
     assert tied_embedding_grad_bytes(spec.arch, model_states(spec, lay, s).trainable, s) == 0
+
+
+def test_a_4bit_base_dequantises_down_proj_for_its_input_gradient():
+    from vramplan.activations import layer_tensors
+    from vramplan.catalog import resolve_model
+    from vramplan.layout import layout
+    from vramplan.setup import make_setup
+
+    spec = resolve_model("llama-3.1-70b")
+    qlora = make_setup(spec, method="qlora", trainer="trl", grad_checkpointing=True, batch_size=1, seq_len=2048)
+    ops = dict(layer_tensors(spec.arch, layout(spec), qlora))
+    deq = [t for t in ops["dequant_backward"] if t.name == "down_proj.weight_dequantised"]
+    assert len(deq) == 1 and deq[0].coef == 2 * 28672 * 8192  # bf16, the whole weight
+    lora = make_setup(spec, method="lora", trainer="trl", grad_checkpointing=True, batch_size=1, seq_len=2048)
+    assert dict(layer_tensors(spec.arch, layout(spec), lora))["dequant_backward"] == ()

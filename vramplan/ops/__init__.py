@@ -15,6 +15,7 @@ from vramplan.ops.attention import GPT2_DROPOUT, attention_core, o_proj_inputs, 
 from vramplan.ops.linear import int8_inputs
 from vramplan.ops.lora import dora, lora_input_cast
 from vramplan.ops.mlp import (
+    dequant_backward,
     down_proj_backward,
     experts_down,
     experts_gate,
@@ -60,6 +61,7 @@ LAYER_OPS: tuple[tuple[str, Op], ...] = (
     ("mlp_norm", mlp_norm),
     ("mlp", mlp),
     ("down_proj_backward", down_proj_backward),
+    ("dequant_backward", dequant_backward),
     ("experts_up", experts_up),
     ("experts_gate", experts_gate),
     ("experts_down", experts_down),
