@@ -55,12 +55,12 @@ def _key(rec: dict) -> str:
 
 
 def _split(rec: dict, traced: set[str]) -> str:
-    """h2-*, t8-* (H100), h3-*, h4-*, t6-*, t7-* (H200) and m2-* (H200, MoE) were measured after the
+    """h2-*, t8-*, t10-* (H100), h3-*, h4-*, t6-*, t7-* (H200) and m2-* (H200, MoE) were measured after the
     model they test was written and are held out, unless the model was since changed from a trace of their setup
     (USED_TRACES); tr-* and m1-* it was read off, d2-* the multi-GPU runs the sharding terms were
     fixed from: in-sample."""
     name = rec["setup"]["name"]
-    held = name.startswith(("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-")) and name not in RERUNS and _key(rec) not in traced
+    held = name.startswith(("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-")) and name not in RERUNS and _key(rec) not in traced
     return "held out" if held else "in-sample"
 
 
