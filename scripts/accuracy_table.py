@@ -54,6 +54,11 @@ def _key(rec: dict) -> str:
     return json.dumps(s, sort_keys=True)
 
 
+def _used_traced(recs: list) -> set[str]:
+    """The setups of the traced runs the model was changed from (USED_TRACES)."""
+    return {_key(r) for r in recs if "trace" in r and r["setup"]["name"].startswith(USED_TRACES)}
+
+
 def _split(rec: dict, traced: set[str]) -> str:
     """h2-*, t8-*, t10-* (H100), h3-*, h4-*, t6-*, t7-* (H200) and m2-* (H200, MoE) were measured after the
     model they test was written and are held out, unless the model was since changed from a trace of their setup
@@ -67,7 +72,7 @@ def _split(rec: dict, traced: set[str]) -> str:
 def trainer_table(recs: list) -> None:
     """Real-trainer records by trainer, card (and engine, per rank) and held-out split."""
     rows: dict[tuple[str, str, str], list] = defaultdict(list)
-    traced = {_key(r) for r in recs if "trace" in r and r["setup"]["name"].startswith(USED_TRACES)}
+    traced = _used_traced(recs)
     for r, c in zip([r for r in recs if r.get("status") == "ok"], compare(recs), strict=True):
         tr = r["setup"].get("trainer", "plain")
         if tr == "plain":
@@ -86,7 +91,7 @@ def device_table(recs: list) -> None:
     """Device totals (what nvidia-smi shows: the fit verdicts' figure) by trainer and held-out
     split, over the records whose device figure is comparable (data/reserved_baseline.json)."""
     base = json.loads(RESERVED_BASELINE.read_text(encoding="utf-8"))["records"]
-    traced = {_key(r) for r in recs if "trace" in r and r["setup"]["name"].startswith(USED_TRACES)}
+    traced = _used_traced(recs)
     rows: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in recs:
         err = base.get(f'{record_name(r)}@{r.get("date", "")}', {}).get("device_error") if r.get("status") == "ok" else None

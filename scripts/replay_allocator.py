@@ -7,21 +7,12 @@ vramplan.allocator_sim and compare the segments it reserves with the ones the ru
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 from pathlib import Path
 
 from vramplan.allocator_sim import replay
+from vramplan.profiler.worker import read_events
 
 MiB = 2**20
-
-
-def load_events(path: Path) -> tuple[dict, list[tuple[str, int, int, int]]]:
-    """(the header: segments at the end of the run, marks; the events)."""
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        header = json.loads(fh.readline())
-        events = [tuple(json.loads(line)[:4]) for line in fh]
-    return header, events  # type: ignore[return-value]
 
 
 def main() -> None:
@@ -30,7 +21,7 @@ def main() -> None:
     a = ap.parse_args()
     print(f"{'history':45s} {'measured':>12s} {'replayed':>12s} {'error':>8s} {'segments':>9s}")
     for path in a.files:
-        header, events = load_events(path)
+        header, events = read_events(path)
         measured = sum(s["size"] for s in header["segments"])
         sim = replay(events)
         print(f"{path.name.removesuffix('.jsonl.gz'):45s} {measured / MiB:10.0f} M {sim.reserved / MiB:10.0f} M "

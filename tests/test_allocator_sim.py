@@ -4,16 +4,15 @@ segments the run really reserved."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from vramplan.allocator_sim import CachingAllocator, replay
+from vramplan.profiler.worker import read_events
 from vramplan.units import MiB
 
 TRACES = sorted((Path(__file__).resolve().parent.parent / "data" / "traces").glob("*.jsonl.gz"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
 def test_a_request_takes_the_smallest_free_block_that_holds_it():
@@ -72,9 +71,7 @@ def test_streams_keep_their_own_free_blocks():
 
 @pytest.mark.parametrize("path", TRACES, ids=[p.name.removesuffix(".jsonl.gz") for p in TRACES])
 def test_recorded_history_replays_to_the_segments_the_run_reserved(path: Path):
-    from replay_allocator import load_events
-
-    header, events = load_events(path)
+    header, events = read_events(path)
     sim = replay(events)
     assert sorted(x for x in sim.segments if x) == sorted(s["size"] for s in header["segments"])
 

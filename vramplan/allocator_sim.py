@@ -11,7 +11,8 @@ that decide peak reserved, nothing else.
 - With no such block, a new segment is reserved (`alloc_block`): 2 MiB for small requests, 20 MiB
   for requests under 10 MiB, else the request rounded up to 2 MiB (`get_allocation_size`).
 - A freed block merges with free neighbours of its own segment (`try_merge_blocks`); segments are
-  never merged or released (no `empty_cache`, no out-of-memory retry).
+  never merged, and released only by `empty_cache` (`release_cached_blocks`: every segment that is
+  one free block); the out-of-memory retry is not modelled.
 
 `vramplan.allocator` costs reserved memory analytically from the same rules; this replay checks
 them against recorded allocator histories (scripts/replay_allocator.py, the profiler's
@@ -119,7 +120,6 @@ class CachingAllocator:
                     if nb.next is not None:
                         nb.next.prev = block
         self._add_free(block, small, stream)
-
 
     def empty_cache(self) -> None:
         """torch.cuda.empty_cache(): every segment that is one free block goes back to CUDA."""

@@ -232,10 +232,10 @@ def dequant_backward(c: OpContext) -> tuple[Saved, ...]:
     """A 4-bit base's Linear backward (bitsandbytes MatMul4Bit.backward, 0.50):
     `grad_A = grad_output @ dequantize_4bit(B)` builds the whole weight in 16 bits for the
     input's gradient; LLM.int8's (MatMul8bitLt.backward) copies CB to the input's dtype and
-    scales it (`state.CB.to(ctx.dtype_A, copy=True).mul_(...)`). The largest is an MLP weight; down_proj's comes first, beside every tensor
-    the layer saved, the incoming gradient of the layer's output and the gradient of down's
-    input it produces (traced: t9-l70b-trl-qlora-b1s2048, a 448 MiB _dequant weight of
-    8192 x 28672 at the peak)."""
+    scales it (`state.CB.to(ctx.dtype_A, copy=True).mul_(...)`). The largest is an MLP weight;
+    down_proj's comes first, beside every tensor the layer saved, the incoming gradient of the
+    layer's output and the gradient of down's input it produces (traced:
+    t9-l70b-trl-qlora-b1s2048, a 448 MiB _dequant weight of 8192 x 28672 at the peak)."""
     if c.moe or c.gpt2 or c.setup.dtype not in ("nf4", "fp4", "int8") or "down_proj" not in c.mods:
         return ()
     down = c.mods["down_proj"]

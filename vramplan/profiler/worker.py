@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gzip
 import json
+import os
 import platform
 import sys
 import time
@@ -209,10 +211,7 @@ def _where(frames: list[dict[str, Any]]) -> str:
 def dump_events(snapshot: dict[str, Any], name: str) -> None:
     """With VRAMPLAN_EVENTS_DIR set, write the allocator history of this device (every alloc, free
     and segment event: action, address, size, stream, allocation site) and the segments at the end
-    to DIR/NAME.jsonl.gz, for scripts/replay_allocator.py to replay offline."""
-    import gzip
-    import os
-
+    to DIR/NAME.jsonl.gz, for scripts/replay_allocator.py to replay offline (read_events)."""
     out_dir = os.environ.get("VRAMPLAN_EVENTS_DIR")
     if not out_dir:
         return
@@ -226,6 +225,15 @@ def dump_events(snapshot: dict[str, Any], name: str) -> None:
         for ev in snapshot["device_traces"][0]:
             fh.write(json.dumps([ev["action"], ev["addr"], ev["size"], ev.get("stream", 0),
                                  _where(ev.get("frames", []))]) + "\n")
+
+
+def read_events(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[tuple[str, int, int, int]]]:
+    """A file dump_events wrote: (its header -- the segments at the end of the run, the phase
+    marks -- and every event as (action, address, size, stream))."""
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        header = json.loads(fh.readline())
+        events = [(a, addr, size, stream) for a, addr, size, stream, _ in map(json.loads, fh)]
+    return header, events
 
 
 def summarise_trace(snapshot: dict[str, Any]) -> dict[str, Any]:
