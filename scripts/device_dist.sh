@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Device-side, several GPUs: install DeepSpeed and its needs from the carried wheels (.whl/ds/;
+# Device-side, several GPUs: install the carried trainer wheels (.whl/), DeepSpeed and its needs from the carried wheels (.whl/ds/;
 # pydantic's family and psutil only where the image lacks them), then measure a cases file of
 # multi-GPU Trainer runs (one torchrun launch per case, one record per rank).
 # Usage: scripts/device_dist.sh CASES OUT.jsonl [device_sweep.py args]
 set -uo pipefail
+# TRL cases need trl, datasets and what they need (.whl/*.whl, as scripts/device_trainers.sh installs them)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  for m in pandas fsspec jinja2 markupsafe; do
+    python3 -c "import $m" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/opt/${m}-*.whl
+  done
+fi
 # Without .whl/ds (not carried) DeepSpeed stays uninstalled: DDP and FSDP2 cases need none.
 if ls .whl/ds/*.whl >/dev/null 2>&1; then
   ds=$(ls .whl/ds/*.whl | grep -v -E 'pydantic|annotated_types|typing_inspection')
