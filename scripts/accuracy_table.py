@@ -39,6 +39,7 @@ def main() -> None:
 # allocator histories too, but at the time of writing no term was read off them).
 USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "m1-", "m2-", "d2-", "d3-")
 # t7-* re-runs of setups measured before (to read their allocator histories): in-sample
+HELD_OUT = ("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-", "d4-")  # matrices committed before they ran
 RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 RESERVED_BASELINE = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 
@@ -65,7 +66,7 @@ def _split(rec: dict, traced: set[str]) -> str:
     (USED_TRACES); tr-* and m1-* it was read off, d2-* the multi-GPU runs the sharding terms were
     fixed from: in-sample."""
     name = rec["setup"]["name"]
-    held = name.startswith(("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-")) and name not in RERUNS and _key(rec) not in traced
+    held = name.startswith(HELD_OUT) and name not in RERUNS and _key(rec) not in traced
     return "held out" if held else "in-sample"
 
 

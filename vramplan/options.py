@@ -137,7 +137,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefix_tokens", int, 20, "virtual tokens (prefix / prompt tuning)", minimum=1),
     Option("prefix_projection", bool, False, "prefix tuning with a reparametrising MLP"),
     Option("double_quant", bool, True, "4-bit double quantisation"),
-    Option("kbit_prepare", bool, True, "peft prepare_model_for_kbit_training (fp32 upcast of non-quantised weights)"),
+    # TRL 1.16's SFTTrainer builds the PEFT model with get_peft_model alone (trl/trainer/sft_trainer.py);
+    # only the experimental ORPO/CPO trainers call prepare_model_for_kbit_training, so a TRL QLoRA
+    # run keeps its non-quantised weights in the loaded 16-bit dtype (t12-*-trl-qlora: +41-57% with
+    # the upcast assumed).
+    Option("kbit_prepare", bool, True, "peft prepare_model_for_kbit_training (fp32 upcast of non-quantised weights)",
+           presets=(("trl", False),)),
     Option("grad_checkpointing", bool, False, "non-reentrant activation checkpointing", presets=(("hf", _hf_ckpt), ("trl", _trl_ckpt))),
     Option("checkpoint_offload", bool, False, "offload checkpointed layer inputs to host memory (needs checkpointing)"),
     Option("activation_offload", bool, False, "offload saved activations to host memory"),

@@ -153,9 +153,15 @@ def make_trainer(setup: dict[str, Any], model: Any, args: Any, callback: Any) ->
     method = setup["method"]
     quantised = setup["dtype"] in QUANTISED_DTYPES
     if setup["trainer"] == "trl":
+        import peft
         from datasets import Dataset
         from trl import SFTTrainer
 
+        # SFTTrainer never prepares a k-bit model itself (vramplan.options kbit_prepare); a user who
+        # calls prepare_model_for_kbit_training before handing the model over gets the fp32 upcast
+        if quantised and setup.get("kbit_prepare", False):
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup["grad_checkpointing"],
+                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
         ds = Dataset.from_dict({"input_ids": rows})
         peft_cfg = lora_config(setup) if method in ("lora", "qlora") else None
         tr = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=_tokenizer(vocab),
