@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 from vramplan.catalog import resolve_model
-from vramplan.distributed import estimate_distributed, make_parallel, zero_model_states
+from vramplan.distributed import estimate_distributed, make_parallel, zero12_step_gradients, zero_model_states
 from vramplan.errors import VramplanError
+from vramplan.layout import layout
 from vramplan.setup import make_setup
 
 PSI = 7_000_000_000
@@ -142,3 +143,48 @@ def test_deepspeed_opens_more_nccl_communicators_than_torch():
     z3 = _dist("llama-3.2-1b", gpus=2, zero=3).per_gpu_outside_allocator
     key = "nccl (communicator, kernels, channel buffers)"
     assert ddp[key] < z3[key] < z2[key]
+
+
+def test_zero12_step_upcasts_a_flat_copy_while_the_16bit_partition_is_alive():
+    p = 1_000_000
+    # stage_1_and_2.py step(): flatten(averaged_gradients[i]).to(fp32) before `del flat_grad_partition`
+    plain = zero12_step_gradients(partition_params=p, fp32_grads=4 * p, transient=0, groups_share_partition=False)
+    assert plain == {"gradient_partitions": 2 * p, "gradients": 4 * p, "transients": 2 * p}
+    # a foreach optimizer's whole-group transient outgrows that moment
+    foreach = zero12_step_gradients(partition_params=p, fp32_grads=4 * p, transient=8 * p, groups_share_partition=False)
+    assert foreach == {"gradient_partitions": 0, "gradients": 4 * p, "transients": 8 * p}
+    # Trainer's no-decay group still views the flat partition through the decay group's step
+    shared = zero12_step_gradients(partition_params=p, fp32_grads=4 * p, transient=8 * p, groups_share_partition=True)
+    assert sum(shared.values()) == 2 * p + 4 * p + 8 * p
+
+
+def test_zero2_trainer_run_peaks_at_the_optimizer_steps_upcast():
+    # d4-z2-gran2b-hf-full-ckpt-b4s2048 (measured 28.38 GiB per GPU): a small activation peak
+    spec = resolve_model("granite-3.3-2b")
+    s = make_setup(spec, method="full", trainer="hf", optimizer="adamw-fused", batch_size=4, seq_len=2048,
+                   grad_checkpointing=True)
+    d = estimate_distributed(spec, s, make_parallel(gpus=2, zero=2))
+    part = d.single.params_trainable // 2
+    assert d.peak_phase == "optimizer_step"
+    assert d.gpu_parts["gradient_partitions"] == d.gpu_parts["transients"] == 2 * part
+    assert d.gpu_parts["gradients"] == 4 * part
+    assert d.per_gpu_peak_allocated_bytes == pytest.approx(28.377 * 2**30, rel=0.005)
+
+
+def test_fsdp_tied_full_finetune_ends_backward_with_its_vocab_gradients_unreduced():
+    spec = resolve_model("qwen3-4b")
+    s = make_setup(spec, method="full", trainer="hf", optimizer="adamw-fused", batch_size=2, seq_len=2048,
+                   grad_checkpointing=True)
+    d = estimate_distributed(spec, s, make_parallel(gpus=2, fsdp="full_shard"))
+    vh, psi = spec.arch.vocab * spec.arch.hidden, d.single.params_trainable
+    # every fp32 gradient shard but the tail's; lm_head's share, the embedding's, their sum (bf16);
+    # layer 0's reduce-scatter input
+    end = 4 * psi // 2 - 4 * vh // 2 + 3 * 2 * vh + 2 * layout(spec).params_per_layer
+    assert d.peak_phase == "backward" and d.gpu_parts["activations"] == end
+    # measured d4-fsdp-q3-4b-hf-full-ckpt-b2s2048: 32.49 GiB
+    assert d.per_gpu_peak_allocated_bytes == pytest.approx(32.487 * 2**30, rel=0.01)
+    # shard_grad_op has resharded every other unit by then, more than that moment adds
+    sgo = estimate_distributed(spec, s, make_parallel(gpus=2, fsdp="shard_grad_op"))
+    t = sgo.single.terms
+    states = 4 * psi // 2 + 8 * psi // 2 + t["workspace"]  # fp32 shards of weights and Adam's two states
+    assert sgo.gpu_phases["backward"] == states + 2 * psi + max(t["acts_bwd_loss"], 4 * psi // 2 + t["layer_live"])

@@ -7,9 +7,9 @@ Model states follow each engine's behaviour, checked on real runs (data/measurem
   an fp32 master copy and fp32 states (Adam: 4 + 8 bytes per trainable parameter). Stage 1
   partitions the optimizer over the N ranks, stage 2 also the gradients, stage 3 also the
   parameters, gathered a layer at a time (plus a prefetch bucket). At the step the 16-bit gradient
-  partition has become an fp32 copy (4 bytes/param/N). ZeRO-Offload keeps master, states and fp32
-  gradients in pinned host memory and steps there; parameter offload (stage 3) keeps the 16-bit
-  parameters on the host too.
+  partition becomes an fp32 copy (4 bytes/param/N) through a flattened 16-bit copy of it
+  (zero12_step_gradients). ZeRO-Offload keeps master, states and fp32 gradients in pinned host
+  memory and steps there; parameter offload (stage 3) keeps the 16-bit parameters on the host too.
 - PyTorch FSDP (torch/distributed/fsdp) with MixedPrecision(bf16): fp32 sharded parameters and
   gradients, bf16 all-gathered units (a decoder layer; the tied embedding is a unit of its own),
   torch optimizer states in fp32. The sharded gradients of one step stay allocated until the next
@@ -171,7 +171,7 @@ def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tup
     A trainable untied lm_head's unsharded bf16 gradient exists at the loss backward, where the
     peak is, until it is reduce-scattered into the fp32 shard (torch/distributed/fsdp/_fully_shard/
     _fsdp_param_group.py post_backward; measured: d2-fsdp-l8b-full, +0.98 GiB = 128256 x 4096 x 2
-    bytes). A tied one gets its gradient only at the embedding, the last unit of backward."""
+    bytes). A tied one is held past the embedding's backward (fsdp_tied_end_bytes)."""
     t, n, psi = m.t, par.world, m.psi
     shard = n if par.fsdp != "no_shard" else 1
     w = (4 * psi + m.frozen) // shard
@@ -190,13 +190,44 @@ def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tup
         w = opt = grads = tr = 0
     stale = grads  # last step's sharded grads, freed when the next forward starts
     hold, live = t["hold"], t["layer_live"]
-    head_grad = 2 * layout(spec).lm_head_params if setup.method in ("full", "galore") and par.fsdp != "no_shard" else 0
+    lay = layout(spec)
+    full = setup.method in ("full", "galore")
+    head_grad = 2 * lay.lm_head_params if full and par.fsdp != "no_shard" else 0
+    bwd_end = grads + live + hold
+    if full and spec.arch.tied and par.fsdp != "no_shard":
+        # at the end everything but the tail group is resharded: only its bf16 unit stays gathered
+        tail = 2 * spec.arch.vocab * spec.arch.hidden
+        bwd_end = max(bwd_end, fsdp_tied_end_bytes(spec, shard=shard, grads=grads, emb_grad=t["emb_grad"]) + hold
+                      + tail - gathered)
     gpu = {"forward": {"weights": w, "optimizer_states": opt, "activations": max(stale, gathered + t["acts_fwd_peak"])},
            "backward": {"weights": w, "optimizer_states": opt, "gathered_params": gathered, "unit_gradient": head_grad,
-                        "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], grads + live + hold)},
+                        "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], bwd_end)},
            "optimizer_step": {"weights": w, "optimizer_states": opt, "gradients": grads, "transients": tr,
                               "logits_and_loss": hold}}
     return gpu, cpu
+
+
+def fsdp_tied_end_bytes(spec: ModelSpec, *, shard: int, grads: int, emb_grad: int) -> int:
+    """Gradient bytes per GPU at the end of an FSDP2 backward that trains a tied embedding
+    (full_shard and shard_grad_op), beside the sharded weights and states and the tail's bf16 unit.
+
+    accelerate's fsdp2_prepare_model (1.15, accelerate/utils/fsdp_utils.py) shards the final norm,
+    embed_tokens and lm_head as one tail group with reshard_after_forward=False; that group's
+    post_backward runs only in the root's final callback, after the embedding's backward, because
+    its first module, embed_tokens, takes input_ids, which need no gradient. So at the end of
+    backward three things are alive that the sharded gradients do not count:
+    - the tied weight's unsharded 16-bit gradients: lm_head's share, held since the loss backward,
+      and what the embedding adds, by the single-GPU rule (estimator.tied_embedding_grad_bytes:
+      the embedding's dense gradient and, behind transformers' head, their out-of-place sum);
+    - layer 0's reduce-scatter input (one decoder layer's parameters in 16 bit): the comm
+      context's ReduceScatterState holds the last group's input until the next group's
+      post_backward waits on it (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py post_backward);
+    while the tail's own fp32 gradient shard does not exist yet, and no layer's activations live.
+    Measured: d4-fsdp-q3-4b-hf-full-ckpt-b2s2048 peaks at 32.49 GiB (Qwen3-4B, 2 ranks), 0.84 GiB
+    above the sharded gradients plus one layer's backward, where this gives 0.75 GiB."""
+    vh = spec.arch.vocab * spec.arch.hidden
+    layer_rs_input = 2 * layout(spec).params_per_layer
+    return max(0, grads - 4 * vh // shard) + 2 * vh + emb_grad + layer_rs_input
 
 
 def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mixed: bool) -> tuple[Phases, dict[str, int]]:
@@ -245,15 +276,46 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
         cpu["weights"] = (2 * psi + m.frozen) // n * par.gpus_per_node
     hold, live = t["hold"], t["layer_live"]
     fixed = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gradient_partitions": grad_partitions}
+    step_grads = {"gradients": fp32_grads if par.engine == "deepspeed" else g16, "transients": tr}
+    if par.engine == "deepspeed" and stage in (1, 2) and par.offload == "none":
+        step_grads = zero12_step_gradients(partition_params=psi // n, fp32_grads=fp32_grads, transient=tr,
+                                           groups_share_partition=setup.trainer in ("hf", "trl"))
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
     gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"]},
            "backward": {**fixed, "gathered_params": gathered, "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], late_grads + live + hold)},
            # ZeRO-1/2 release their reduce buckets when backward ends (stage_1_and_2.py
            # _release_ipg_buffers); DDP's and ZeRO-3's (allocated at init, stage3.py) stay
-           "optimizer_step": {**fixed, "comm_buckets": 0 if stage in (1, 2) else buckets,
-                              "gradients": fp32_grads if par.engine == "deepspeed" else g16,
-                              "transients": tr, "logits_and_loss": hold}}
+           "optimizer_step": {**fixed, "comm_buckets": 0 if stage in (1, 2) else buckets, **step_grads,
+                              "logits_and_loss": hold}}
     return gpu, cpu
+
+
+def zero12_step_gradients(*, partition_params: int, fp32_grads: int, transient: int,
+                          groups_share_partition: bool) -> dict[str, int]:
+    """Gradient bytes of ZeRO-1/2's optimizer step (no offload), by component, at its larger moment.
+
+    Backward copies every gradient of this rank's partition into `grads_in_partition`, one flat
+    16-bit tensor (stage_1_and_2.py 0.19.8 reduce_ipg_grads -> copy_grads_in_partition, at stage 1
+    too with contiguous gradients, as both profilers configure), and `averaged_gradients[i]`
+    keeps views of it after _release_ipg_buffers drops the attribute. step() then, per parameter
+    group, flattens those views into a new 16-bit copy (`self.flatten(self.averaged_gradients[i])`),
+    upcasts it to the fp32 gradient (`.to(...)`), and only then deletes the copy, frees the group's
+    views (free_grad_in_param_list) and runs the optimizer (_optimizer_step). Two moments:
+    - the upcast: flat partition + its copy + the fp32 gradient, 2 + 2 + 4 bytes a parameter;
+    - group 0's optimizer step: the fp32 gradient and the optimizer's transient, and the flat
+      partition too where another group still views it -- Trainer and TRL build a decay and a
+      no-decay group (transformers trainer.py create_optimizer) over one flat partition, and the
+      no-decay group's views are released only at its own turn.
+    accelerate's DeepSpeed wrapper runs engine.step() inside backward (accelerate/utils/deepspeed.py),
+    so a Trainer record's backward peak may be this moment. Measured: d4-z2-gran2b-hf-full-ckpt-b4s2048
+    peaks at 28.38 GiB = bf16 weights 4.72 + fp32 master and Adam states 14.16 + 2.36 + 2.36 + 4.72
+    (its 2.53B parameters over 2 ranks) + the cuBLAS workspaces."""
+    g16 = 2 * partition_params
+    upcast = 2 * g16 + fp32_grads
+    held = g16 if groups_share_partition else 0
+    if upcast >= held + fp32_grads + transient:
+        return {"gradient_partitions": g16, "gradients": fp32_grads, "transients": g16}
+    return {"gradient_partitions": held, "gradients": fp32_grads, "transients": transient}
 
 
 # deepspeed/runtime/zero/config.py (0.19.8): `sub_group_size` defaults to 1e9 elements (the Trainer
