@@ -61,11 +61,13 @@ KNOWN_UNDER = {
     # (partitioned_param_coordinator.py allocates them under __allgather_stream); how
     # its vocabulary-sized embedding/lm_head blocks fragment there is not modelled
     "d2-z3-q7b-lora-ckpt-b2s2048@r0", "d2-z3-q7b-lora-ckpt-b2s2048@r1",
-    # held out (d4, 2 x H200), at first measurement: TRL forces reentrant checkpointing for PEFT under
-    # ZeRO-3 (trl/trainer/sft_trainer.py, trl#4951), -47.9%
+    # held out (d4, 2 x H200): TRL's reentrant checkpointing for PEFT under ZeRO-3 holds every frozen
+    # layer weight gathered (distributed.zero3_reentrant_held_bytes: -47.9% -> -9.4%); how those
+    # per-parameter blocks pack in the all-gather stream's pool is not modelled
     "d4-z3-l8b-trl-lora-b2s2048@r0", "d4-z3-l8b-trl-lora-b2s2048@r1",
-    # FSDP2 full fine-tuning with tied embeddings: the tail group reduces only in the final
-    # callback, after the embedding backward (-7.1%, -6.2%)
+    # FSDP2 full fine-tuning with a tied embedding (-7.1% -> -5.4% with the tail group's end of
+    # backward): step 1's fp32 gradient shards stay cached on the reduce-scatter stream at the
+    # loss moment of later steps
     "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048@r0", "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048@r1"}
 
 

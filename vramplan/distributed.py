@@ -281,13 +281,40 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
         step_grads = zero12_step_gradients(partition_params=psi // n, fp32_grads=fp32_grads, transient=tr,
                                            groups_share_partition=setup.trainer in ("hf", "trl"))
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
+    backward = {**fixed, "gathered_params": gathered,
+                "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], late_grads + live + hold)}
+    held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
+    if held and sum(fixed.values()) + held + live > sum(backward.values()):
+        backward = {**fixed, "gathered_params": held, "activations": live}  # the first layer's backward
     gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"]},
-           "backward": {**fixed, "gathered_params": gathered, "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], late_grads + live + hold)},
+           "backward": backward,
            # ZeRO-1/2 release their reduce buckets when backward ends (stage_1_and_2.py
            # _release_ipg_buffers); DDP's and ZeRO-3's (allocated at init, stage3.py) stay
            "optimizer_step": {**fixed, "comm_buckets": 0 if stage in (1, 2) else buckets, **step_grads,
                               "logits_and_loss": hold}}
     return gpu, cpu
+
+
+def zero3_reentrant_held_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, frozen_bytes: int) -> int:
+    """Frozen decoder-layer weights that stay gathered through backward under ZeRO-3 with reentrant
+    checkpointing, as TRL runs PEFT there: SFTTrainer forces `use_reentrant=True` for a PEFT model
+    under ZeRO-3 with checkpointing (trl/trainer/sft_trainer.py, trl#4951, the DeepSpeed#4332
+    workaround). The recompute re-gathers each layer's parameters inside backward, and DeepSpeed
+    0.19.8 (partitioned_param_coordinator.py release_sub_module, DeepSpeed#8148) leaves a frozen
+    parameter gathered after a recompute for the ensuing backward to release -- which reentrant
+    checkpointing's inner backward does not (DeepSpeed#8130 review: frozen parameters "remained
+    AVAILABLE after the first backward ... only partitioned by the optimizer-step safety net").
+    So by the first layer's backward every frozen layer weight is whole on every rank: 16-bit
+    bytes of all decoder layers (the embeddings and head are not checkpointed). Measured:
+    d4-z3-l8b-trl-lora-b2s2048 and d5-z3-q3-4b-trl-lora-b2s2048 peak 10.6 and 5.2 GiB above the
+    non-reentrant estimate, against 11.0 and 5.3 GiB of frozen layer weights beyond one gathered
+    unit; the Trainer's non-reentrant run of the same setup does not (d5-z3-q3-4b-hf-lora-ckpt)."""
+    if not (par.engine == "deepspeed" and par.zero == 3 and setup.trainer == "trl" and setup.grad_checkpointing
+            and setup.method not in ("full", "galore")):
+        return 0
+    lay = layout(spec)
+    total = lay.layer_params_total + lay.embed_params + lay.lm_head_params + lay.final_norm_params
+    return frozen_bytes * lay.layer_params_total // max(1, total)
 
 
 def zero12_step_gradients(*, partition_params: int, fp32_grads: int, transient: int,
@@ -440,6 +467,11 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     reserved += zero_reserved_extra_bytes(spec, setup, par, trainable_params=m.psi, states=m.states,
                                           backward_bytes=phases["backward"], peak_bytes=peak)
     reserved += fsdp_reduce_scatter_pool_bytes(par, m.psi, grads_alive=_grads_alive(gpu, peak_phase, m))
+    if peak_phase == "backward" and zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen):
+        # the held weights sit in the all-gather stream's pool (partitioned_param_coordinator.py
+        # gathers under __allgather_stream); the default stream keeps the blocks of its own larger
+        # backward moments cached beside them (vramplan.allocator_sim: pools are per stream)
+        reserved += max(t["acts_bwd_loss"], t["acts_bwd_top"]) - gpu["backward"]["activations"]
     reserved += ddp_rebuilt_bucket_bytes(setup, par, buckets=gpu["optimizer_step"].get("comm_buckets", 0),
                                          layers=layout(spec).layers,
                                          ckpt_input=checkpoint_bytes(spec.arch, setup, stream_dtypes(setup)))
