@@ -64,11 +64,7 @@ KNOWN_UNDER = {
     # held out (d4, 2 x H200): TRL's reentrant checkpointing for PEFT under ZeRO-3 holds every frozen
     # layer weight gathered (distributed.zero3_reentrant_held_bytes: -47.9% -> -9.4%); how those
     # per-parameter blocks pack in the all-gather stream's pool is not modelled
-    "d4-z3-l8b-trl-lora-b2s2048@r0", "d4-z3-l8b-trl-lora-b2s2048@r1",
-    # FSDP2 full fine-tuning with a tied embedding (-7.1% -> -5.4% with the tail group's end of
-    # backward): step 1's fp32 gradient shards stay cached on the reduce-scatter stream at the
-    # loss moment of later steps
-    "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048@r0", "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048@r1"}
+    "d4-z3-l8b-trl-lora-b2s2048@r0", "d4-z3-l8b-trl-lora-b2s2048@r1"}
 
 
 def test_request_rounding_follows_round_size():

@@ -25,7 +25,13 @@ from vramplan.int8_outliers import int8_outlier_notes, int8_subA_bytes
 from vramplan.layout import Layout, layout
 from vramplan.methods import Trainable, trainable
 from vramplan.optimizers import OptimizerBytes, optimizer_bytes
-from vramplan.reserved import layer_moment_stranded_bytes, reserved_bytes
+from vramplan.reserved import (
+    dynamic_pool_bytes,
+    layer_moment_stranded_bytes,
+    oversize_step_transient_bytes,
+    reserved_bytes,
+    step_pools_of,
+)
 from vramplan.setup import Setup, make_setup
 from vramplan.units import MiB
 from vramplan.weights import DTYPE_BYTES, WeightBytes, base_weight_bytes
@@ -105,7 +111,9 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
     parts = breakdown(st, {"forward": fwd, "backward": bwd, "optimizer_step": step}.get(peak_phase))
     assert sum(parts.values()) == peak, (parts, peak)
     kernel = attention_kernel(spec.arch, setup, dt)
-    reserved = max(reserved_bytes(spec.arch, lay, setup, st, acts, peak=peak, emb_grad=emb_grad),
+    oversize = oversize_step_transient_bytes(spec.arch, setup, st)
+    pools = step_pools_of(spec.arch, lay, setup, st, acts, emb_grad=emb_grad, oversize=oversize)
+    reserved = max(reserved_bytes(peak=peak, pools=pools, oversize=oversize),
                    steady + bwd_candidates[3].total + layer_moment_stranded_bytes(spec.arch, lay, setup, st, acts, dt,
                                                                                   kernel.name))
     outside = outside_allocator(st, acts, context_bytes=context_bytes)
@@ -123,7 +131,8 @@ def estimate_setup(spec: ModelSpec, setup: Setup, *, context_bytes: int = CUDA_C
                "acts_fwd_peak": fwd.total - fwd.carried, "acts_bwd_loss": at_loss.total - at_loss.carried,
                "layer_live": acts.layer.saved + acts.layer.transient + acts.ckpt_input,
                "acts_bwd_top": top.total - top.gradients - top.carried if top else 0,
-               "hold": acts.hold, "retained": acts.retained, "emb_grad": emb_grad, "accum": st.accum},
+               "hold": acts.hold, "retained": acts.retained, "emb_grad": emb_grad, "accum": st.accum,
+               "dynamic_pools": dynamic_pool_bytes(pools)},
     )
 
 

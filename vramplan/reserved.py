@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vramplan.allocator import peak_reserved_bytes, same_shape_state_copies, step_pools
+from vramplan.allocator import StepPools, peak_reserved_bytes, same_shape_state_copies, step_pools
 from vramplan.arch import ArchConfig
 from vramplan.heads import fused_loss_head
 from vramplan.layout import Layout
@@ -33,20 +33,35 @@ def _vocab_peak_bytes(a: ActivationTerms) -> int:
     return a.head.saved + max(a.head.logits + a.head.fwd_transient, a.hold + a.head.bwd_transient)
 
 
-def reserved_bytes(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates, a: ActivationTerms, *, peak: int,
-                   emb_grad: int) -> int:
-    """Peak reserved: the peak allocated plus the caching allocator's rounding and stranding
-    (vramplan.allocator), from the step's tensors grouped by lifetime and size class."""
+def step_pools_of(arch: ArchConfig, lay: Layout, setup: Setup, st: ModelStates, a: ActivationTerms, *, emb_grad: int,
+                  oversize: int) -> StepPools:
+    """The step's tensors grouped by lifetime and size class (vramplan.allocator.StepPools), all
+    on the default stream; `oversize` is oversize_step_transient_bytes, which takes segments of
+    its own and so leaves the parameter-shaped pool."""
     tr, head, opt = st.trainable, a.head, st.opt
-    own = oversize_step_transient_bytes(arch, setup, st)
-    return own + peak_reserved_bytes(peak_allocated_bytes=peak - own, pools=step_pools(
+    return step_pools(
         lay=lay, weight_bytes_per_param=st.dense_bytes, linear_bytes_per_param=0.5 if setup.quantised else None,
         trainable_copies=(1 + same_shape_state_copies(optimizer=setup.optimizer)) if tr.base_trainable else 0,
         trainable_bytes_per_param=tr.bytes_per_param, persistent_bytes=st.steady + st.accum + a.retained,
         vocab_peak_bytes=_vocab_peak_bytes(a),
         activation_peak_bytes=a.total - head.saved - a.retained + (a.last.saved + a.last.transient if setup.grad_checkpointing else 0),
-        param_shaped_peak_bytes=st.grads + max(0 if own else opt.step_transient, emb_grad),
-        split_vocab_bytes=split_vocab_bytes(arch, setup, a)))
+        param_shaped_peak_bytes=st.grads + max(0 if oversize else opt.step_transient, emb_grad),
+        split_vocab_bytes=split_vocab_bytes(arch, setup, a))
+
+
+def reserved_bytes(*, peak: int, pools: StepPools, oversize: int) -> int:
+    """Peak reserved: the peak allocated plus the caching allocator's rounding and stranding
+    (vramplan.allocator), from the step's pools (step_pools_of) and the oversize step transient's
+    own segments (oversize_step_transient_bytes)."""
+    return oversize + peak_reserved_bytes(peak_allocated_bytes=peak - oversize, pools=pools)
+
+
+def dynamic_pool_bytes(pools: StepPools) -> int:
+    """The default stream's blocks beyond the persistent tensors and the parameter-shaped pool
+    (gradients, step transients): the vocabulary-sized buffers, the activations, the split
+    vocabulary block and the segment rounding -- what that stream keeps cached at a moment before
+    the step's gradients exist (the loss), whichever of them is alive."""
+    return pools.vocab_peak_bytes + pools.activation_peak_bytes + pools.split_vocab_bytes + pools.rounding_bytes
 
 
 def oversize_step_transient_bytes(arch: ArchConfig, setup: Setup, st: ModelStates) -> int:
