@@ -68,11 +68,13 @@ class LayerActs:
     input_grad_only: int = 0  # part of `saved` kept only for the gradient of the layer's input
 
 
-def layer_tensors(arch: ArchConfig, lay: Layout, setup: Setup, group: LayerGroup | None = None) -> OpTensors:
+def layer_tensors(arch: ArchConfig, lay: Layout, setup: Setup, group: LayerGroup | None = None, *,
+                  zero3_linear: bool = False) -> OpTensors:
     """Every operation of one decoder layer (of `group`; default the most numerous layer type)
-    with the tensors it keeps; their bytes at the setup's micro-batch are `t.nbytes(dims_of(setup))`."""
+    with the tensors it keeps; their bytes at the setup's micro-batch are `t.nbytes(dims_of(setup))`.
+    `zero3_linear`: under DeepSpeed ZeRO-3's Linear (vramplan.ops.op_context)."""
     dt = stream_dtypes(setup)
-    c = op_context(arch, lay, setup, dt=dt, kernel=attention_kernel(arch, setup, dt), group=group)
+    c = op_context(arch, lay, setup, dt=dt, kernel=attention_kernel(arch, setup, dt), group=group, zero3_linear=zero3_linear)
     return tuple([(name, op(c)) for name, op in LAYER_OPS])
 
 

@@ -18,7 +18,7 @@ def qkv_inputs(c: OpContext) -> tuple[Saved, ...]:
     train, plus what each adapter keeps."""
     mods = tuple((m, lm.d_in) for m, lm in c.mods.items() if lm.kind == "attn" and m not in ("o_proj", "c_proj"))
     return linear_inputs(c, mods, in_bytes=c.dt.norm_out, input_name=f"{c.arch.norm_names[0]}.output", width=c.arch.hidden,
-                         saved_by_base=c.base and not c.dt.autocast, shared_by_lora=True)
+                         saved_by_base=c.base_saves_input and not c.dt.autocast, shared_by_lora=True)
 
 
 def attention_core(c: OpContext) -> tuple[Saved, ...]:
@@ -74,7 +74,7 @@ def o_proj_inputs(c: OpContext) -> tuple[Saved, ...]:
     name = "c_proj" if c.gpt2 else "o_proj"
     shared = c.kernel.name in ("flash", "efficient")
     return linear_inputs(c, ((name, _out_width(c)),), in_bytes=c.dt.linear_out, input_name=f"{name}.input",
-                         width=_out_width(c), saved_by_base=c.base and not shared, shared_by_lora=False)
+                         width=_out_width(c), saved_by_base=c.base_saves_input and not shared, shared_by_lora=False)
 
 
 def _out_width(c: OpContext) -> int:

@@ -24,14 +24,14 @@ def gated_mlp(c: OpContext) -> tuple[Saved, ...]:
     norm = a.norm_names[2] if a.norms_per_layer == 4 else a.norm_names[1]
     mods = tuple((m, a.hidden) for m in ("gate_proj", "up_proj", "gate_up_proj") if m in c.mods)
     out = linear_inputs(c, mods, in_bytes=c.dt.norm_out, input_name=f"{norm}.output", width=a.hidden,
-                        saved_by_base=c.base and not c.dt.autocast, shared_by_lora=True)
+                        saved_by_base=c.base_saves_input and not c.dt.autocast, shared_by_lora=True)
     # gate output (the act's input), act output, up output: the product saves both of its inputs.
     # Liger's SiLU/GELU-mul (liger_kernel/ops/swiglu.py LigerSiLUMulFunction, geglu.py) saves only
     # its two inputs and recomputes the activation in backward.
     act = () if c.setup.liger else (tok(c, "act_fn.output", L, Iw),)
     out += (tok(c, "gate_proj.output", L, Iw), *act, tok(c, "up_proj.output", L, Iw))
     return out + linear_inputs(c, (("down_proj", Iw),), in_bytes=L, input_name="down_proj.input", width=Iw,
-                               saved_by_base=c.base, shared_by_lora=False)
+                               saved_by_base=c.base_saves_input, shared_by_lora=False)
 
 
 def gpt2_mlp(c: OpContext) -> tuple[Saved, ...]:
@@ -158,7 +158,7 @@ def shared_experts(c: OpContext) -> tuple[Saved, ...]:
         return ()
     out = [tok(c, f"shared_expert.{n}", L, width) for n in ("gate", "act", "up")]
     out += linear_inputs(c, (("down_proj", width),), in_bytes=L, input_name="shared_expert.down_proj.input",
-                         width=width, saved_by_base=c.base, shared_by_lora=False)
+                         width=width, saved_by_base=c.base_saves_input, shared_by_lora=False)
     if a.shared_expert_gate:
         out.append(tok(c, "shared_expert.output", L, a.hidden))
     return tuple(out)

@@ -90,6 +90,7 @@ class OpContext:
     linears: tuple[LinearModule, ...]  # the layer's Linear modules (GPT-2 has two c_proj)
     mods: dict[str, LinearModule]  # the same by name
     base: bool  # the base weights train (full, galore)
+    base_saves_input: bool  # the base nn.Linear matmuls save their input (base trains, or ZeRO-3's Linear)
     lora: tuple[str, ...]  # LoRA-targeted modules
     normalised: int  # bytes per element of an RMSNorm's normalised output
     dtypes: dict[int, str]  # dtype name by bytes per element
@@ -99,13 +100,20 @@ class OpContext:
 
 
 def op_context(arch: ArchConfig, lay: Layout, setup: Setup, *, dt: Dtypes, kernel: AttnKernel,
-               group: LayerGroup | None = None) -> OpContext:
-    """One layer of `group` (default: the most numerous layer type, whose Linears lay.linears are)."""
+               group: LayerGroup | None = None, zero3_linear: bool = False) -> OpContext:
+    """One layer of `group` (default: the most numerous layer type, whose Linears lay.linears are).
+    `zero3_linear`: DeepSpeed ZeRO-3 built the model under zero.Init, which replaces
+    torch.nn.functional.linear with LinearFunctionForZeroStage3 (partition_parameters.py
+    _enable_mem_efficient_linear; zero/linear.py setup_context saves input, weight and bias
+    whatever needs a gradient), so a frozen nn.Linear keeps its input too; bitsandbytes' k-bit
+    layers and GPT-2's Conv1D do not call F.linear."""
     gemma = arch.model_type.startswith("gemma")
     group = lay.representative if group is None else group
+    base = setup.method in ("full", "galore")
     return OpContext(
         arch=arch, setup=setup, dt=dt, kernel=kernel, linears=group.linears, mods={lm.module: lm for lm in group.linears},
-        base=setup.method in ("full", "galore"), lora=setup.lora_targets if setup.method in ("lora", "qlora") else (),
+        base=base, base_saves_input=base or (zero3_linear and not setup.quantised and arch.family != "gpt2"),
+        lora=setup.lora_targets if setup.method in ("lora", "qlora") else (),
         normalised=4 if (gemma or dt.norm_out == 4) else 2,  # GemmaRMSNorm multiplies in fp32
         dtypes={1: "bool", 2: "fp16" if setup.dtype == "fp16" else "bf16", 4: "fp32", 8: "int64"},
         gpt2=arch.family == "gpt2", moe=group.moe, group=group,
