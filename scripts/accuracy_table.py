@@ -41,6 +41,13 @@ USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "m1-", "m2-", "d2-", "d3-")
 # t7-* re-runs of setups measured before (to read their allocator histories): in-sample
 HELD_OUT = ("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-", "d4-")  # matrices committed before they ran
 RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
+# Held-out runs a term was since written from or checked against: in-sample from then on (their
+# first-measurement errors are in the README). The ZeRO-1/2 step moment (d4-z2-gran2b), FSDP2's
+# tied end of backward and loss-moment pools (d4-fsdp-q3-4b, d4-fsdp-g2-2b), ZeRO-3's reentrant
+# hold (d4-z3-l8b); TRL's kbit_prepare preset came from TRL's source, prompted by the t12 QLoRA runs.
+USED_HELD_OUT = {"d4-z2-gran2b-hf-full-ckpt-b4s2048", "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048",
+                 "d4-fsdp-g2-2b-trl-full-b4s1024", "d4-z3-l8b-trl-lora-b2s2048", "t12-q3-4b-trl-qlora-b4s2048",
+                 "t12-g2-9b-trl-qlora-b2s2048", "t12-q25-14b-trl-qlora-b1s8192"}
 RESERVED_BASELINE = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 
 
@@ -66,7 +73,7 @@ def _split(rec: dict, traced: set[str]) -> str:
     (USED_TRACES); tr-* and m1-* it was read off, d2-* the multi-GPU runs the sharding terms were
     fixed from: in-sample."""
     name = rec["setup"]["name"]
-    held = name.startswith(HELD_OUT) and name not in RERUNS and _key(rec) not in traced
+    held = name.startswith(HELD_OUT) and name not in RERUNS | USED_HELD_OUT and _key(rec) not in traced
     return "held out" if held else "in-sample"
 
 
@@ -93,17 +100,20 @@ def device_table(recs: list) -> None:
     split, over the records whose device figure is comparable (data/reserved_baseline.json)."""
     base = json.loads(RESERVED_BASELINE.read_text(encoding="utf-8"))["records"]
     traced = _used_traced(recs)
-    rows: dict[tuple[str, str], list[float]] = defaultdict(list)
+    rows: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for r in recs:
         err = base.get(f'{record_name(r)}@{r.get("date", "")}', {}).get("device_error") if r.get("status") == "ok" else None
         if err is None:
             continue
         tr = r["setup"].get("trainer") or "plain"
-        rows[("plain loop" if tr == "plain" else tr, _split(r, traced))].append(err)
-    print("\n| device total | split | records | median abs error | worst under-estimate | worst over-estimate | under by more than 5% |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for (tr, split), errs in sorted(rows.items()):
-        print(f"| {tr} | {split} | {len(errs)} | {100 * statistics.median(abs(e) for e in errs):.2f}% | "
+        gpus = int(r.get("world_size", 1))
+        rows[("plain loop" if tr == "plain" else tr, f"{gpus} GPU{'s' if gpus > 1 else ''} (per GPU)" if gpus > 1 else "1 GPU",
+              _split(r, traced))].append(err)
+    print("\n| device total | GPUs | split | records | median abs error | worst under-estimate | worst over-estimate | "
+          "under by more than 5% |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for (tr, gpus, split), errs in sorted(rows.items()):
+        print(f"| {tr} | {gpus} | {split} | {len(errs)} | {100 * statistics.median(abs(e) for e in errs):.2f}% | "
               f"{100 * min(errs):+.2f}% | {100 * max(errs):+.2f}% | {sum(e < -0.05 for e in errs)} |")
 
 
