@@ -118,3 +118,17 @@ def test_a_multi_gpu_case_with_an_unknown_engine_option_is_refused_before_any_la
         case_setups(cases)
     cases.write_text("cases:\n  - {name: x, model: llama-3.2-1b, gpus: 2, zero: 3, offload: params, method: full}\n")
     assert case_setups(cases)[0]["zero"] == 3
+
+
+def test_end_of_run_segments_are_summed_per_stream_and_device():
+    from vramplan.profiler.worker import segments_by_stream
+
+    MiB = 2**20
+    segs = [{"device": 0, "stream": 0, "total_size": 20 * MiB, "allocated_size": 8 * MiB},
+            {"device": 0, "stream": 0, "total_size": 2 * MiB, "allocated_size": 0},
+            {"device": 0, "stream": 77, "total_size": 112 * MiB, "allocated_size": 112 * MiB},
+            {"device": 1, "stream": 0, "total_size": 999 * MiB, "allocated_size": 0}]
+    out = segments_by_stream(segs, 0)
+    assert out["0"] == {"segments": 2, "bytes": 22 * MiB, "allocated": 8 * MiB, "sizes_mib": {"20": 1, "2": 1}}
+    assert out["77"]["bytes"] == out["77"]["allocated"] == 112 * MiB
+    assert "1" not in out and sum(v["segments"] for v in out.values()) == 3

@@ -35,7 +35,7 @@ from vramplan.profiler.trainer_dist import (
     local_rank,
     parallel_args,
 )
-from vramplan.profiler.worker import _managed_bytes, dump_events, recorded_case, summarise_trace
+from vramplan.profiler.worker import _managed_bytes, dump_events, recorded_case, segments_by_stream, summarise_trace
 
 # Trainer's `optim` names for vramplan's optimizers (transformers training_args.py OptimizerNames).
 HF_OPTIM = {"adamw": "adamw_torch", "adamw-fused": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit",
@@ -261,6 +261,7 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
             "gpu_total": total, "load_s": round(load_s, 2),
             "optimizer_class": type(tr.optimizer.optimizer if hasattr(tr.optimizer, "optimizer") else tr.optimizer).__name__,
         }
+        rec["segments_by_stream"] = segments_by_stream(torch.cuda.memory_snapshot(), dev.index)
         if snap is not None:  # this rank's device first: summarise_trace reads device_traces[0]
             snap["device_traces"] = [snap["device_traces"][dev.index]]
             rec["trace"] = summarise_trace(snap)

@@ -227,6 +227,24 @@ def dump_events(snapshot: dict[str, Any], name: str) -> None:
                                  _where(ev.get("frames", []))]) + "\n")
 
 
+def segments_by_stream(segments: list[dict[str, Any]], device: int) -> dict[str, dict[str, Any]]:
+    """The caching allocator's segments on `device` at the end of a run (torch.cuda.memory_snapshot(),
+    no history needed), per stream: how many, their bytes, the bytes allocated in them, and the
+    segment sizes in MiB with their counts. Pools are kept per stream (vramplan.allocator_sim), so
+    this says which stream's pool holds the reserved memory a run's allocated peak leaves over."""
+    out: dict[str, dict[str, Any]] = {}
+    for seg in segments:
+        if seg.get("device", device) != device:
+            continue
+        row = out.setdefault(str(seg["stream"]), {"segments": 0, "bytes": 0, "allocated": 0, "sizes_mib": {}})
+        row["segments"] += 1
+        row["bytes"] += seg["total_size"]
+        row["allocated"] += seg["allocated_size"]
+        mib = str(round(seg["total_size"] / 2**20))
+        row["sizes_mib"][mib] = row["sizes_mib"].get(mib, 0) + 1
+    return out
+
+
 def read_events(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[tuple[str, int, int, int]]]:
     """A file dump_events wrote: (its header -- the segments at the end of the run, the phase
     marks -- and every event as (action, address, size, stream))."""
