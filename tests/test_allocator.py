@@ -60,11 +60,7 @@ KNOWN_UNDER = {
     # ZeRO-3 LoRA: the gathered frozen parameters live in the all-gather stream's pool
     # (partitioned_param_coordinator.py allocates them under __allgather_stream); how
     # its vocabulary-sized embedding/lm_head blocks fragment there is not modelled
-    "d2-z3-q7b-lora-ckpt-b2s2048@r0", "d2-z3-q7b-lora-ckpt-b2s2048@r1",
-    # held out (d4, 2 x H200): TRL's reentrant checkpointing for PEFT under ZeRO-3 holds every frozen
-    # layer weight gathered (distributed.zero3_reentrant_held_bytes: -47.9% -> -9.4%); how those
-    # per-parameter blocks pack in the all-gather stream's pool is not modelled
-    "d4-z3-l8b-trl-lora-b2s2048@r0", "d4-z3-l8b-trl-lora-b2s2048@r1"}
+    "d2-z3-q7b-lora-ckpt-b2s2048@r0", "d2-z3-q7b-lora-ckpt-b2s2048@r1"}
 
 
 def test_request_rounding_follows_round_size():

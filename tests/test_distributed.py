@@ -249,3 +249,21 @@ def test_zero3_linear_keeps_a_frozen_bases_inputs_in_every_layer_without_checkpo
     assert d.single.terms["acts_fwd_peak"] == z2.single.terms["acts_fwd_peak"]  # the single estimate is untouched
     # measured d5-z3-q3-4b-trl-lora-nockpt-b2s1024: 21.97 GiB per GPU (19.47 without these inputs)
     assert d.per_gpu_peak_allocated_bytes == pytest.approx(21.97 * 2**30, rel=0.03)
+
+
+def test_zero3_gather_stream_pool_keeps_a_segment_per_vocabulary_weight_beside_the_held_layers():
+    from vramplan.distributed import zero3_gather_pool_extra_bytes
+
+    MiB, KiB = 2**20, 2**10
+    untied, tied = layout(resolve_model("llama-3.1-8b")), layout(resolve_model("qwen3-4b"))
+    # Llama-3.1-8B: two 8 MiB k/v projections per 20 MiB segment, 64 norms of 8 KiB in one 2 MiB
+    # small segment, and the embedding and lm_head (1002 MiB) in segments of their own
+    assert zero3_gather_pool_extra_bytes(untied) == 32 * (20 - 16) * MiB + (2 * MiB - 64 * 8 * KiB) + 2 * 1002 * MiB
+    # Qwen3-4B: 47.5 MiB MLP weights in 48 MiB segments, the tied embedding (741.9 MiB) once
+    extra = zero3_gather_pool_extra_bytes(tied)
+    assert 108 * MiB // 2 + 742 * MiB - 2 * MiB < extra < 108 * MiB // 2 + 742 * MiB + 2 * MiB
+    spec = resolve_model("llama-3.1-8b")
+    s = make_setup(spec, trainer="trl", method="lora", batch_size=2, seq_len=2048)
+    d = estimate_distributed(spec, s, make_parallel(gpus=2, zero=3))
+    # measured d6-z3-l8b-trl-lora-b2s2048: 26.84 GiB reserved (16.18 of it on the all-gather stream)
+    assert d.per_gpu_reserved_bytes == pytest.approx(26.84 * 2**30, rel=0.03)

@@ -26,11 +26,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vramplan.activations import checkpoint_bytes, layer_figures, layer_sizes, layer_tensors
-from vramplan.allocator import first_step_flat_bytes, nccl_bytes, side_stream_pool_bytes
+from vramplan.allocator import (
+    first_step_flat_bytes,
+    nccl_bytes,
+    packed_segment_bytes,
+    param_tensor_bytes,
+    side_stream_pool_bytes,
+)
 from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
-from vramplan.layout import layout
+from vramplan.layout import Layout, layout
 from vramplan.ops import dims_of
 from vramplan.optimizers import OPTIMIZERS
 from vramplan.reserved import freed_vocab_block
@@ -343,6 +349,23 @@ def zero3_reentrant_held_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, 
     return frozen_bytes * lay.layer_params_total // max(1, total)
 
 
+def zero3_gather_pool_extra_bytes(lay: Layout) -> int:
+    """What the all-gather stream's pool reserves beyond the frozen layer weights ZeRO-3 holds
+    gathered under reentrant checkpointing (zero3_reentrant_held_bytes): each weight is its own
+    request, so they pack into segments as vramplan.allocator.packed_segment_bytes says (two 8 MiB
+    k/v projections to a 20 MiB segment), and every vocabulary-sized weight gathered in the step
+    -- the embedding, and an untied lm_head -- keeps a segment of its own there, whose freed block
+    the held layer weights carve when they run out of their own sizes. Read off the end-of-run
+    segments per stream of d6-z3-l8b-trl-lora-b2s2048 (all-gather stream: 96 x 112 + 64 x 32 +
+    32 x 20 MiB of layer weights, 3 x 1002 MiB vocabulary blocks) and d6-z3-q3-4b-trl-lora-b2s2048
+    (108 x 48 + 90 x 20 MiB, one 742 MiB block for the tied embedding)."""
+    tensors = param_tensor_bytes(lay=lay, bytes_per_param=2)
+    layers = tensors[:lay.layers * (len(tensors) - sum(1 for n in (lay.embed_params, lay.lm_head_params,
+                                                                   lay.final_norm_params) if n)) // lay.layers]
+    vocab = [2 * n for n in (lay.embed_params, lay.lm_head_params) if n]
+    return packed_segment_bytes(tensor_bytes=layers) - sum(layers) + packed_segment_bytes(tensor_bytes=vocab)
+
+
 def zero12_step_gradients(*, partition_params: int, fp32_grads: int, transient: int,
                           groups_share_partition: bool) -> dict[str, int]:
     """Gradient bytes of ZeRO-1/2's optimizer step (no offload), by component, at its larger moment.
@@ -520,6 +543,7 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
         # gathers under __allgather_stream); the default stream keeps the blocks of its own larger
         # backward moments cached beside them (vramplan.allocator_sim: pools are per stream)
         reserved += max(t["acts_bwd_loss"], t["acts_bwd_top"]) - gpu["backward"]["activations"]
+        reserved += zero3_gather_pool_extra_bytes(layout(spec))
     reserved += ddp_rebuilt_bucket_bytes(setup, par, buckets=gpu["optimizer_step"].get("comm_buckets", 0),
                                          layers=layout(spec).layers,
                                          ckpt_input=checkpoint_bytes(spec.arch, setup, stream_dtypes(setup)))
