@@ -267,3 +267,20 @@ def test_zero3_gather_stream_pool_keeps_a_segment_per_vocabulary_weight_beside_t
     d = estimate_distributed(spec, s, make_parallel(gpus=2, zero=3))
     # measured d6-z3-l8b-trl-lora-b2s2048: 26.84 GiB reserved (16.18 of it on the all-gather stream)
     assert d.per_gpu_reserved_bytes == pytest.approx(26.84 * 2**30, rel=0.03)
+
+
+def test_ddp_rebuilt_buckets_are_reused_by_gradients_small_enough_for_their_blocks():
+    from vramplan.distributed import DDP_BUCKET_CAP_BYTES, ddp_rebuilt_bucket_bytes
+
+    par, MiB = make_parallel(gpus=2), 2**20
+    s = make_setup(resolve_model("qwen3-1.7b"), trainer="trl", method="full")
+    kw = dict(buckets=3200 * MiB, layers=28, ckpt_input=32 * MiB)
+    # 32 MiB kept inputs do not fit a 25 MiB bucket block; 24 MiB MLP gradients do
+    assert ddp_rebuilt_bucket_bytes(s, par, **kw, grad_tensors=[26 * MiB] * 84) == 3200 * MiB
+    assert ddp_rebuilt_bucket_bytes(s, par, **kw, grad_tensors=[24 * MiB] * 84) == 3200 * MiB - 84 * 24 * MiB
+    assert ddp_rebuilt_bucket_bytes(s, par, **{**kw, "ckpt_input": 24 * MiB}, grad_tensors=[]) == 3200 * MiB - 28 * 24 * MiB
+    assert 24 * MiB <= DDP_BUCKET_CAP_BYTES < 26 * MiB
+    # measured d4-ddp-q3-17b-trl-full-b4s2048: 18.02 GiB reserved per GPU (22.21 estimated before)
+    spec = resolve_model("qwen3-1.7b")
+    d = estimate_distributed(spec, make_setup(spec, trainer="trl", method="full", batch_size=4, seq_len=2048), par)
+    assert 18.02 * 2**30 <= d.per_gpu_reserved_bytes < 1.10 * 18.02 * 2**30

@@ -480,20 +480,36 @@ def fsdp_loss_moment_reserved_bytes(par: Parallel, gpu: Phases, m: _Micro, *, gr
     return default_stream + fsdp_reduce_scatter_pool_bytes(par, m.psi, grads_alive=False)
 
 
-def ddp_rebuilt_bucket_bytes(setup: Setup, par: Parallel, *, buckets: int, layers: int, ckpt_input: int) -> int:
+def ddp_rebuilt_bucket_bytes(setup: Setup, par: Parallel, *, buckets: int, layers: int, ckpt_input: int,
+                             grad_tensors: list[int]) -> int:
     """DDP rebuilds its gradient buckets in the order gradients became ready, once, at the start of
     the second iteration (torch/nn/parallel/distributed.py _pre_forward -> reducer._rebuild_buckets,
     reducer.cpp rebuild_buckets / initialize_buckets) when it does not look for unused parameters;
     Trainer looks for them only without gradient checkpointing (trainer.py _wrap_model:
     find_unused_parameters = not model.is_gradient_checkpointing). The first buckets' blocks, freed
-    then, serve only requests no larger than themselves: that forward's kept checkpoint inputs, where
-    each fits a bucket; the rest stays cached beside every later step (measured:
-    d2-ddp-q15b-full-ckpt-b4s2048 reserves 2.65 GiB more than one GPU's slack from the second step on,
-    its buckets 2.87 GiB, its 28 kept inputs 0.66 GiB)."""
+    then, serve only requests no larger than themselves: that forward's kept checkpoint inputs,
+    where each fits a bucket, and then backward's gradients that fit (`grad_tensors`: each
+    trainable tensor's gradient bytes), which take the blocks backward frees from those inputs --
+    the larger of the two; the rest stays cached beside every later step. Measured:
+    d2-ddp-q15b-full-ckpt-b4s2048 reserves 2.65 GiB more than one GPU's slack from the second step
+    on, its buckets 2.87 GiB, its 28 kept inputs 0.66 GiB (its 26.25 MiB MLP gradients do not fit
+    a 25 MiB bucket block); d4-ddp-q3-17b-trl-full-b4s2048 strands none of its 3.2 GiB, its 32 MiB
+    kept inputs too large but 2.6 GiB of its gradients (24 MiB MLP weights) small enough."""
     if par.engine != "ddp" or par.world < 2 or not setup.grad_checkpointing or not buckets:
         return 0
-    reused = layers * ckpt_input if ckpt_input <= DDP_BUCKET_CAP_BYTES else 0
-    return max(0, buckets - reused)
+    inputs = layers * ckpt_input if ckpt_input <= DDP_BUCKET_CAP_BYTES else 0
+    grads = sum(g for g in grad_tensors if g <= DDP_BUCKET_CAP_BYTES)
+    return max(0, buckets - max(inputs, grads))
+
+
+def _grad_tensor_bytes(spec: ModelSpec, setup: Setup, t: dict[str, int]) -> list[int]:
+    """Each trainable tensor's gradient bytes: every parameter tensor of a full fine-tune (in the
+    gradients' dtype), else the adapters as one small group (LoRA's tensors are all far below a
+    bucket)."""
+    if setup.method not in ("full", "galore"):
+        return [t["grads"]] if t["grads"] <= DDP_BUCKET_CAP_BYTES else []
+    per_param = t["grads"] / max(1, sum(param_tensor_bytes(lay=layout(spec), bytes_per_param=1)))
+    return param_tensor_bytes(lay=layout(spec), bytes_per_param=per_param)
 
 
 # torch DistributedDataParallel bucket_cap_mb default (25 MB), the size of a bucket's block
@@ -546,7 +562,8 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
         reserved += zero3_gather_pool_extra_bytes(layout(spec))
     reserved += ddp_rebuilt_bucket_bytes(setup, par, buckets=gpu["optimizer_step"].get("comm_buckets", 0),
                                          layers=layout(spec).layers,
-                                         ckpt_input=checkpoint_bytes(spec.arch, setup, stream_dtypes(setup)))
+                                         ckpt_input=checkpoint_bytes(spec.arch, setup, stream_dtypes(setup)),
+                                         grad_tensors=_grad_tensor_bytes(spec, setup, t))
     reserved = max(reserved, fsdp_loss_moment_reserved_bytes(par, gpu, m, grads_alive=grads_alive))
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
