@@ -109,9 +109,10 @@ def test_ddp_rebuilt_buckets_strand_only_when_trainer_lets_ddp_rebuild_them():
     nockpt = make_setup(spec, method="full", trainer="hf", grad_checkpointing=False)
     buckets = 3 << 30
     kept = 1 << 20  # small kept inputs reuse the freed bucket blocks
-    assert ddp_rebuilt_bucket_bytes(ckpt, ddp, buckets=buckets, layers=28, ckpt_input=kept) == buckets - 28 * kept
+    assert ddp_rebuilt_bucket_bytes(ckpt, ddp, buckets=buckets, layers=28, ckpt_input=kept, grad_tensors=[]) == buckets - 28 * kept
     # kept inputs larger than a bucket's block cannot reuse it
-    assert ddp_rebuilt_bucket_bytes(ckpt, ddp, buckets=buckets, layers=28, ckpt_input=DDP_BUCKET_CAP_BYTES + 1) == buckets
+    assert ddp_rebuilt_bucket_bytes(ckpt, ddp, buckets=buckets, layers=28, ckpt_input=DDP_BUCKET_CAP_BYTES + 1,
+                                    grad_tensors=[]) == buckets
     # without checkpointing Trainer asks DDP to find unused parameters, and DDP never rebuilds
-    assert ddp_rebuilt_bucket_bytes(nockpt, ddp, buckets=buckets, layers=28, ckpt_input=kept) == 0
-    assert ddp_rebuilt_bucket_bytes(ckpt, make_parallel(gpus=2, zero=2), buckets=buckets, layers=28, ckpt_input=kept) == 0
+    assert ddp_rebuilt_bucket_bytes(nockpt, ddp, buckets=buckets, layers=28, ckpt_input=kept, grad_tensors=[]) == 0
+    assert ddp_rebuilt_bucket_bytes(ckpt, make_parallel(gpus=2, zero=2), buckets=buckets, layers=28, ckpt_input=kept, grad_tensors=[]) == 0
