@@ -44,6 +44,21 @@ def main() -> None:
             estimate_setup(spec, setup)
         print(f"estimate_setup {name} {method}: {n / (time.perf_counter() - t0):,.0f} estimates/s  (target >= 20,000)")
 
+    from vramplan.distributed import estimate_distributed, make_parallel
+
+    spec = resolve_model("llama-3.1-70b")
+    setup = make_setup(spec, trainer="trl", method="lora")
+    for kw in ({"zero": 3}, {"fsdp": "full_shard"}):
+        par = make_parallel(gpus=8, **kw)
+        estimate_distributed(spec, setup, par)
+        n = 5000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            estimate_distributed(spec, setup, par)
+        label = ", ".join(f"{k}={v}" for k, v in kw.items())
+        print(f"estimate_distributed llama-3.1-70b TRL lora, 8 GPUs, {label}: "
+              f"{n / (time.perf_counter() - t0):,.0f} estimates/s  (target >= 5,000)")
+
     import vramplan
 
     t0 = time.perf_counter()

@@ -49,6 +49,7 @@ __all__ = [
     "head_activations",
     "layer_activations",
     "layer_figures",
+    "layer_saved_by_group",
     "layer_sizes",
     "layer_tensors",
     "micro_batch_tokens",
@@ -169,20 +170,28 @@ def first_layer_needs_input_grad(setup: Setup) -> bool:
 # and setup without those two; a planner's bisection over them reuses one. Cleared at _CACHE_MAX.
 _SHAPELESS = attrgetter(*(f for f in Setup.__dataclass_fields__ if f not in ("batch_size", "seq_len")))
 _CACHE_MAX = 4096
-_CACHE: dict[tuple[int, int, tuple[Any, ...]], tuple[ArchConfig, Layout, tuple[tuple[LayerGroup, LayerSizes], ...]]] = {}
+_CACHE: dict[tuple[int, int, tuple[Any, ...], bool], tuple[ArchConfig, Layout, tuple[tuple[LayerGroup, LayerSizes], ...]]] = {}
 
 
-def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup) -> tuple[tuple[LayerGroup, LayerSizes], ...]:
+def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup, *,
+                 zero3_linear: bool = False) -> tuple[tuple[LayerGroup, LayerSizes], ...]:
     """Each layer type's sizes, once per arch, layout and shape-free setup."""
-    key = (id(arch), id(lay), _SHAPELESS(setup))
+    key = (id(arch), id(lay), _SHAPELESS(setup), zero3_linear)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is arch and hit[1] is lay:
         return hit[2]
-    sizes = tuple((g, layer_sizes(layer_tensors(arch, lay, setup, g))) for g in lay.groups)
+    sizes = tuple((g, layer_sizes(layer_tensors(arch, lay, setup, g, zero3_linear=zero3_linear))) for g in lay.groups)
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
     _CACHE[key] = (arch, lay, sizes)
     return sizes
+
+
+def layer_saved_by_group(arch: ArchConfig, lay: Layout, setup: Setup, *, zero3_linear: bool = False) -> list[tuple[int, int]]:
+    """(layers of the type, bytes one such layer saves for backward) for each layer type;
+    `zero3_linear` as vramplan.ops.op_context."""
+    d = dims_of(setup)
+    return [(g.count, layer_figures(sz, d).saved) for g, sz in _stack_sizes(arch, lay, setup, zero3_linear=zero3_linear)]
 
 
 def _as_first_layer(layer: LayerActs, setup: Setup) -> LayerActs:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vramplan.activations import checkpoint_bytes, layer_figures, layer_sizes, layer_tensors
+from vramplan.activations import checkpoint_bytes, layer_saved_by_group
 from vramplan.allocator import (
     first_step_flat_bytes,
     nccl_bytes,
@@ -37,7 +37,6 @@ from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.layout import Layout, layout
-from vramplan.ops import dims_of
 from vramplan.optimizers import OPTIMIZERS
 from vramplan.reserved import freed_vocab_block
 from vramplan.setup import Setup
@@ -312,12 +311,10 @@ def zero3_linear_terms(spec: ModelSpec, setup: Setup, t: dict[str, int]) -> dict
     them without checkpointing; with it, the one layer being recomputed. Measured:
     d5-z3-q3-4b-trl-lora-nockpt-b2s1024 peaked 2.49 GiB above the estimate without them, against
     2.60 GiB of such inputs over its 36 layers."""
-    lay, d = layout(spec), dims_of(setup)
-    extra = []
-    for g in lay.groups:
-        plain, z3 = (layer_figures(layer_sizes(layer_tensors(spec.arch, lay, setup, g, zero3_linear=z)), d).saved
-                     for z in (False, True))
-        extra.append((g.count, z3 - plain))
+    lay = layout(spec)
+    extra = [(n, z3 - plain) for (n, plain), (_, z3) in zip(layer_saved_by_group(spec.arch, lay, setup),
+                                                             layer_saved_by_group(spec.arch, lay, setup, zero3_linear=True),
+                                                             strict=True)]
     one = max(e for _, e in extra)
     if not one:
         return t
@@ -359,11 +356,21 @@ def zero3_gather_pool_extra_bytes(lay: Layout) -> int:
     segments per stream of d6-z3-l8b-trl-lora-b2s2048 (all-gather stream: 96 x 112 + 64 x 32 +
     32 x 20 MiB of layer weights, 3 x 1002 MiB vocabulary blocks) and d6-z3-q3-4b-trl-lora-b2s2048
     (108 x 48 + 90 x 20 MiB, one 742 MiB block for the tied embedding)."""
+    hit = _GATHER_POOL_CACHE.get(id(lay))
+    if hit is not None and hit[0] is lay:
+        return hit[1]
     tensors = param_tensor_bytes(lay=lay, bytes_per_param=2)
     layers = tensors[:lay.layers * (len(tensors) - sum(1 for n in (lay.embed_params, lay.lm_head_params,
                                                                    lay.final_norm_params) if n)) // lay.layers]
     vocab = [2 * n for n in (lay.embed_params, lay.lm_head_params) if n]
-    return packed_segment_bytes(tensor_bytes=layers) - sum(layers) + packed_segment_bytes(tensor_bytes=vocab)
+    extra = packed_segment_bytes(tensor_bytes=layers) - sum(layers) + packed_segment_bytes(tensor_bytes=vocab)
+    _GATHER_POOL_CACHE[id(lay)] = (lay, extra)
+    return extra
+
+
+# keyed by the layout's identity (as vramplan.layout caches layouts): packing every layer weight
+# costs ~700 steps for a 70B model, more than the rest of a distributed estimate
+_GATHER_POOL_CACHE: dict[int, tuple[Layout, int]] = {}
 
 
 def zero12_step_gradients(*, partition_params: int, fp32_grads: int, transient: int,
