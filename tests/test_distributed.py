@@ -200,6 +200,7 @@ def test_trl_peft_under_zero3_holds_every_frozen_layer_weight_gathered_by_the_fi
     lay = layout(spec)
     assert trl.gpu_parts["gathered_params"] == 2 * lay.layer_params_total  # 16-bit, whole, every layer
     assert hf.gpu_parts["gathered_params"] < trl.gpu_parts["gathered_params"] / 4  # the largest unit twice, the prefetch
+    assert any("reentrant" in n for n in trl.single.notes) and not any("reentrant" in n for n in hf.single.notes)
     # measured d4-z3-l8b-trl-lora-b2s2048: 23.22 GiB per GPU (the non-reentrant rule said 12.57)
     assert trl.per_gpu_peak_allocated_bytes == pytest.approx(23.22 * 2**30, rel=0.04)
     # ZeRO-2 gathers nothing, and without checkpointing there is no recompute

@@ -41,6 +41,7 @@ from vramplan.optimizers import OPTIMIZERS
 from vramplan.reserved import freed_vocab_block
 from vramplan.setup import Setup
 from vramplan.streams import micro_batch_tokens, stream_dtypes
+from vramplan.units import fmt_gib
 
 FSDP_MODES = ("full_shard", "shard_grad_op", "no_shard")
 OFFLOADS = ("none", "optimizer", "params")
@@ -549,6 +550,12 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     spec_opt = OPTIMIZERS[setup.optimizer]
     m = _Micro(psi=single.params_trainable, frozen=t["weights"] if setup.method not in ("full", "galore") else 0,
                t=t, states=spec_opt.states, foreach=spec_opt.foreach)
+    held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
+    if held:
+        single = replace(single, notes=(*single.notes, (
+            f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed keeps every frozen "
+            f"layer weight gathered from its recompute to the optimizer step: {fmt_gib(held)} per GPU; Trainer's "
+            f"non-reentrant checkpointing or ZeRO-2 avoid it")))
     gpu, cpu = _fsdp_phases(spec, setup, par, m) if par.engine == "fsdp" else _zero_phases(spec, setup, par, m, ddp_mixed)
     for parts in gpu.values():
         parts["cublas_workspace"] = t["workspace"]
@@ -561,7 +568,7 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                                           backward_bytes=phases["backward"], peak_bytes=peak)
     grads_alive = _grads_alive(gpu, peak_phase, m)
     reserved += fsdp_reduce_scatter_pool_bytes(par, m.psi, grads_alive=grads_alive)
-    if peak_phase == "backward" and zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen):
+    if peak_phase == "backward" and held:
         # the held weights sit in the all-gather stream's pool (partitioned_param_coordinator.py
         # gathers under __allgather_stream); the default stream keeps the blocks of its own larger
         # backward moments cached beside them (vramplan.allocator_sim: pools are per stream)

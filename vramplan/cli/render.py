@@ -91,6 +91,8 @@ def distributed(d: Any) -> None:
     if d.cpu_parts:
         out.print(f"host RAM per node: [bold]{fmt_gib(d.cpu_bytes_per_node)}[/] ("
                   + ", ".join(f"{k.replace('_', ' ')} {fmt_gib(v)}" for k, v in d.cpu_parts.items()) + ")")
+    for n in d.single.notes:
+        out.print(f"[yellow]note:[/] {escape(n)}")
 
 
 def fit_table(res: Any) -> None:
