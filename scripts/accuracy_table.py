@@ -44,10 +44,12 @@ RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 # Held-out runs a term was since written from or checked against: in-sample from then on (their
 # first-measurement errors are in the README). The ZeRO-1/2 step moment (d4-z2-gran2b), FSDP2's
 # tied end of backward and loss-moment pools (d4-fsdp-q3-4b, d4-fsdp-g2-2b), ZeRO-3's reentrant
-# hold (d4-z3-l8b), DDP's rebuilt buckets (d4-ddp-q3-17b); TRL's kbit_prepare preset came from TRL's source, prompted by the t12 QLoRA runs.
+# hold (d4-z3-l8b), DDP's rebuilt buckets (d4-ddp-q3-17b), Phi-3's fused qkv output
+# (t12-phi4mini); TRL's kbit_prepare preset came from TRL's source, prompted by the t12 QLoRA runs.
 USED_HELD_OUT = {"d4-z2-gran2b-hf-full-ckpt-b4s2048", "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048",
                  "d4-fsdp-g2-2b-trl-full-b4s1024", "d4-z3-l8b-trl-lora-b2s2048", "t12-q3-4b-trl-qlora-b4s2048",
-                 "t12-g2-9b-trl-qlora-b2s2048", "t12-q25-14b-trl-qlora-b1s8192", "d4-ddp-q3-17b-trl-full-b4s2048"}
+                 "t12-g2-9b-trl-qlora-b2s2048", "t12-q25-14b-trl-qlora-b1s8192", "d4-ddp-q3-17b-trl-full-b4s2048",
+                 "t12-phi4mini-hf-lora-b4s2048"}
 RESERVED_BASELINE = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 
 

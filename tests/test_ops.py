@@ -416,3 +416,19 @@ def test_a_4bit_base_dequantises_down_proj_for_its_input_gradient():
     assert len(deq) == 1 and deq[0].coef == 2 * 28672 * 8192  # bf16, the whole weight
     lora = make_setup(spec, method="lora", trainer="trl", grad_checkpointing=True, batch_size=1, seq_len=2048)
     assert dict(layer_tensors(spec.arch, layout(spec), lora))["dequant_backward"] == ()
+
+
+def test_phi3_fused_qkv_output_stays_whole_while_the_kernel_keeps_its_values_view():
+    from vramplan.activations import layer_tensors
+    from vramplan.catalog import resolve_model
+    from vramplan.layout import layout
+    from vramplan.setup import make_setup
+
+    def names(model: str) -> dict[str, object]:
+        spec = resolve_model(model)
+        s = make_setup(spec, method="lora", trainer="hf", batch_size=4, seq_len=2048)
+        return {t.name: t for _, ts in layer_tensors(spec.arch, layout(spec), s) for t in ts}
+
+    phi = names("phi-4-mini")
+    assert "qkv_proj.output.held_by_values" in phi
+    assert "qkv_proj.output.held_by_values" not in names("llama-3.2-1b")  # separate q/k/v projections

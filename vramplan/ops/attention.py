@@ -37,6 +37,12 @@ def attention_core(c: OpContext) -> tuple[Saved, ...]:
     else:
         kv_w = a.q_dim if c.kernel.repeat_kv else a.kv_dim
         out = [tok(c, "query_states.rotated", L, a.q_dim), sized(c, "key_states+value_states", SPAN, L, 2 * kv_w)]
+        if "qkv_proj" in c.mods and not c.kernel.repeat_kv:
+            # Phi-3's fused qkv_proj (modeling_phi3.py Phi3Attention.forward): the values the kernel
+            # saves are a view of its [q | k | v] output, so that whole storage stays beside the
+            # rotated q and k (new tensors); its q and k parts come on top of the values
+            # (t12-phi4mini-hf-lora-b4s2048, without checkpointing: 32 layers x 4096 x 2 bytes a token)
+            out.append(tok(c, "qkv_proj.output.held_by_values", L, a.q_dim + a.kv_dim))
     kernel = c.kernel.name
     if kernel in ("flash", "efficient"):
         out += (tok(c, "attn_output", L, _out_width(c)), sized(c, "logsumexp", ROWS, 4, heads))
