@@ -308,10 +308,10 @@ def zero3_linear_terms(spec: ModelSpec, setup: Setup, t: dict[str, int]) -> dict
     """The single-GPU activation terms under ZeRO-3's Linear, which saves every nn.Linear's input
     whether its weight trains or not (vramplan.ops.op_context `zero3_linear`): a frozen base adds,
     per layer, the inputs no other operation keeps -- with LoRA the q/k/v and MLP inputs (the
-    adapters save their dropout outputs), o_proj's and down_proj's. Every layer's forward keeps
-    them without checkpointing; with it, the one layer being recomputed. Measured:
-    d5-z3-q3-4b-trl-lora-nockpt-b2s1024 peaked 2.49 GiB above the estimate without them, against
-    2.60 GiB of such inputs over its 36 layers."""
+    adapters save their dropout outputs) and down_proj's (o_proj's is the flash kernel's saved
+    output already). Every layer's forward keeps them without checkpointing; with it, the one
+    layer being recomputed. Measured: d5-z3-q3-4b-trl-lora-nockpt-b2s1024 peaked 2.49 GiB above the
+    estimate without them, against 2.04 GiB of such inputs over its 36 layers (-11.4% -> -2.1%)."""
     lay = layout(spec)
     extra = [(n, z3 - plain) for (n, plain), (_, z3) in zip(layer_saved_by_group(spec.arch, lay, setup),
                                                              layer_saved_by_group(spec.arch, lay, setup, zero3_linear=True),
