@@ -44,7 +44,7 @@ def test_trl_defaults_checkpointing_on_length_1024_fp32_weights_under_bf16():
     assert {"max_length", "gradient_checkpointing", "dtype", "bf16", "per_device_train_batch_size"} <= set(c.defaulted)
 
 
-def test_trl_qlora_uses_peft_default_targets_and_lists_deepspeed_as_ignored():
+def test_trl_qlora_uses_peft_default_targets_and_reads_its_zero2_deepspeed_config():
     c = read("trl_qlora.yaml")
     assert core(c) == {"method": "qlora", "batch_size": 2, "seq_len": 1024, "grad_accum": 4, "grad_checkpointing": True,
                        "optimizer": "paged-adamw-8bit", "lora_rank": 64, "trainer": "trl"}
@@ -52,7 +52,7 @@ def test_trl_qlora_uses_peft_default_targets_and_lists_deepspeed_as_ignored():
     assert o["lora_targets"] == "q_proj,v_proj"  # peft's default for llama when target_modules is unset
     assert (o["dtype"], o["double_quant"], o["use_dora"], o["activation_offload"]) == ("nf4", True, True, True)
     assert o["kbit_prepare"] is True  # TRL loads non-quantised weights in fp32 by default
-    assert "deepspeed" in c.ignored
+    assert c.parallel == {"zero": 2, "offload": "none"} and "deepspeed" not in c.ignored  # ds_zero2.json, next to it
 
 
 def test_axolotl_qlora_file():
@@ -122,7 +122,9 @@ def test_hf_yaml_galore_optimizer_is_the_galore_method_with_its_rank():
     assert "seq_len" not in o
 
 
-SAMPLES = sorted(p.name for p in DATA.iterdir() if p.suffix in (".yaml", ".json") and not p.name.startswith(("malformed", "bad_", "unknown_")))
+# DeepSpeed / FSDP side files and accelerate configs (no model) are not training configs of their own.
+NOT_TRAINING_CONFIGS = ("malformed", "bad_", "unknown_", "ds_", "fsdp_", "accelerate_")
+SAMPLES = sorted(p.name for p in DATA.iterdir() if p.suffix in (".yaml", ".json") and not p.name.startswith(NOT_TRAINING_CONFIGS))
 
 
 @pytest.mark.parametrize("name", SAMPLES)
@@ -133,6 +135,13 @@ def test_every_sample_file_estimates(name):
     e = vramplan.estimate(c.model, **ok)
     assert e.peak_allocated_bytes > 0 and e.setup.trainer == c.options["trainer"]
     json.dumps(c.to_dict())
+    if c.parallel:  # the file's engine estimates too, on 2 GPUs
+        from vramplan.catalog import resolve_model
+        from vramplan.distributed import estimate_distributed, make_parallel
+
+        spec = resolve_model(c.model)
+        d = estimate_distributed(spec, e.setup, make_parallel(**{**c.parallel, "gpus": 2}))
+        assert d.per_gpu_peak_allocated_bytes > 0
 
 
 def test_malformed_yaml_is_one_line_naming_the_file_and_position():
@@ -228,7 +237,7 @@ def test_cli_options_override_the_file_and_are_listed():
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert (d["setup"]["batch_size"], d["model"]["name"], d["setup"]["trainer"]) == (1, "llama-3.2-1b", "trl")
-    assert d["train_config"]["overridden"] == ["batch_size"] and "deepspeed" in d["train_config"]["ignored"]
+    assert d["train_config"]["overridden"] == ["batch_size"] and d["train_config"]["parallel"] == {"zero": 2, "offload": "none"}
 
 
 def test_cli_fit_and_plan_take_a_train_config():
@@ -243,7 +252,10 @@ def test_cli_fit_and_plan_take_a_train_config():
 def test_cli_table_output_says_what_was_read_and_ignored():
     r = cli("estimate", "--train-config", str(DATA / "trl_qlora.yaml"))
     assert r.exit_code == 0, r.output
-    assert "train config" in r.stdout and "(trl)" in r.stdout and "ignored deepspeed" in r.stdout
+    assert "train config" in r.stdout and "(trl)" in r.stdout and "engine DeepSpeed ZeRO-2" in r.stdout
+    r = cli("estimate", "--train-config", str(DATA / "hf_training_args.json"))
+    assert r.exit_code == 0, r.output
+    assert "(hf)" in r.stdout and "ignored torch_compile" in r.stdout
 
 
 def test_cli_malformed_train_config_is_one_line_exit_2():

@@ -1,6 +1,8 @@
 """Read a user's own training config into vramplan options: a TRL script YAML (`trl sft
 --config`), an axolotl YAML, a LLaMA-Factory YAML, or HF `TrainingArguments` as JSON/YAML with
-`model_name_or_path` / `base_model`.
+`model_name_or_path` / `base_model`; the multi-GPU engine it runs (`deepspeed`, `fsdp`,
+`fsdp_config`) into `parallel`. An accelerate config (`accelerate launch --config_file`) gives
+the world size and engine only (no model).
 
     cfg = read_train_config("sft.yaml")
     est = vramplan.estimate(cfg.model, **estimate_options(cfg.options)[0])
@@ -23,17 +25,21 @@ import yaml
 from vramplan.errors import VramplanError
 from vramplan.readers.axolotl import AXOLOTL_KEYS, read_axolotl
 from vramplan.readers.common import FORMATS, HF_OPTIMIZERS, Reading, TrainConfig
+from vramplan.readers.engines import is_accelerate, read_accelerate
 from vramplan.readers.hf import read_hf
 from vramplan.readers.llamafactory import LF_KEYS, read_llamafactory
 from vramplan.readers.trl import TRL_KEYS, read_trl
 
-READERS = {"trl": read_trl, "axolotl": read_axolotl, "llamafactory": read_llamafactory, "hf": read_hf}
+READERS = {"trl": read_trl, "axolotl": read_axolotl, "llamafactory": read_llamafactory, "hf": read_hf,
+           "accelerate": read_accelerate}
 # TRL keys that plain HF files (run_clm-style JSON) may also carry: they mark TRL only in YAML.
 _WEAK_TRL = ("max_length", "dataset_name")
 
 
 def detect_format(data: Mapping[str, Any], where: str, *, json_file: bool = False) -> str:
     """Which tool a config mapping belongs to, by the keys only that tool defines."""
+    if is_accelerate(data):
+        return "accelerate"
     if any(k in data for k in LF_KEYS):
         return "llamafactory"
     if "base_model" in data and any(k in data for k in AXOLOTL_KEYS[1:]):
@@ -45,7 +51,8 @@ def detect_format(data: Mapping[str, Any], where: str, *, json_file: bool = Fals
     if "model_name_or_path" in data or "base_model" in data:
         return "hf"
     raise VramplanError(f"{where}: key 'model_name_or_path': missing (nor 'base_model'): cannot tell which model "
-                        f"this training config trains (formats read: {', '.join(FORMATS)})")
+                        f"this training config trains (formats read: {', '.join(FORMATS)}; an accelerate config has "
+                        "distributed_type and compute_environment)")
 
 
 def load_mapping(path: str | Path) -> dict[str, Any]:
@@ -68,20 +75,25 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def read_mapping(data: Mapping[str, Any], where: str, fmt: str | None = None, *, json_file: bool = False) -> TrainConfig:
-    """A TrainConfig from an already-loaded mapping (`fmt` forces the format)."""
+def read_mapping(data: Mapping[str, Any], where: str, fmt: str | None = None, *, json_file: bool = False,
+                 base: Path | None = None) -> TrainConfig:
+    """A TrainConfig from an already-loaded mapping (`fmt` forces the format). Relative paths in
+    it (a DeepSpeed JSON, an FSDP config) are looked up in `base`, then the current directory."""
     fmt = fmt or detect_format(data, where, json_file=json_file)
     if fmt not in READERS:
         raise VramplanError(f"unknown training-config format {fmt!r}: allowed: {', '.join(FORMATS)}")
-    r = Reading(data, where)
+    r = Reading(data, where, base)
     model = READERS[fmt](r)
-    r.options.setdefault("method", "full")  # no adapter, no GaLore: every weight is trained
+    if fmt != "accelerate":  # an accelerate config says nothing of the method
+        r.options.setdefault("method", "full")  # no adapter, no GaLore: every weight is trained
     return r.result(fmt, model)
 
 
 def read_train_config(path: str | Path, fmt: str | None = None) -> TrainConfig:
-    """Read a TRL / axolotl / LLaMA-Factory / HF training config file into vramplan options."""
-    return read_mapping(load_mapping(path), str(path), fmt, json_file=Path(path).suffix.lower() == ".json")
+    """Read a TRL / axolotl / LLaMA-Factory / HF training config file (or an accelerate config)
+    into vramplan options; paths inside it resolve next to it first."""
+    return read_mapping(load_mapping(path), str(path), fmt, json_file=Path(path).suffix.lower() == ".json",
+                        base=Path(path).parent)
 
 
 def accepted_options() -> set[str] | None:

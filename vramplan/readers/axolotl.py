@@ -7,6 +7,7 @@ src/axolotl/loaders/adapter.py (LoRA targets); src/axolotl/integrations/liger/ar
 from __future__ import annotations
 
 from vramplan.readers.common import ATTN_IMPLS, Reading, lora_targets, map_optimizer
+from vramplan.readers.engines import read_engine
 
 # Schema defaults (schemas/config.py, training.py, peft.py).
 AXOLOTL_SEQUENCE_LEN = 512
@@ -120,10 +121,12 @@ def read_axolotl(r: Reading) -> str:
     _attention(r)
     _adapter(r, model)
     _liger(r)
-    for key, why in (("deepspeed", "multi-GPU engine: estimate with --zero/--gpus"),
-                     ("fsdp_config", "multi-GPU engine: estimate with --fsdp/--gpus"),
-                     ("fsdp", "multi-GPU engine: estimate with --fsdp/--gpus"),
-                     ("torch_compile", "compiled graphs are not modelled"),
+    # axolotl hands deepspeed / fsdp / fsdp_config to TrainingArguments, with fsdp=True when only
+    # fsdp_config is set (core/builders/base.py); its top-level fsdp_version is recorded.
+    read_engine(r, fsdp_config_enables=True)
+    if "fsdp" in r.parallel and r.has("fsdp_version"):
+        r.raw("fsdp_version")
+    for key, why in (("torch_compile", "compiled graphs are not modelled"),
                      ("unfrozen_parameters", "training a subset of parameters is not modelled (all estimated)"),
                      ("relora", "ReLoRA is not modelled"),
                      ("tiled_mlp", "tiled MLP is not modelled"),

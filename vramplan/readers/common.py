@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vramplan.errors import VramplanError
 
-FORMATS = ("trl", "axolotl", "llamafactory", "hf")
+FORMATS = ("trl", "axolotl", "llamafactory", "hf", "accelerate")
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,9 @@ class TrainConfig:
     `options` are vramplan option names (the keywords of `vramplan.estimate`); `read` maps each
     file key that decided an option to the value used; `defaulted` names the keys of `read` whose
     value is the tool's own default (absent from the file); `ignored` maps keys that change
-    memory but are not modelled to why."""
+    memory but are not modelled to why; `parallel` holds the multi-GPU engine the file names
+    (vramplan.distributed.make_parallel's arguments: gpus, nodes, zero, fsdp, offload), only
+    the ones it sets. `model` is "" for an accelerate config, which names none."""
 
     path: str
     source: str  # one of FORMATS
@@ -30,14 +33,39 @@ class TrainConfig:
     read: dict[str, Any] = field(default_factory=dict)
     defaulted: tuple[str, ...] = ()
     ignored: dict[str, str] = field(default_factory=dict)
+    parallel: dict[str, Any] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
         return str(self.options.get("method", "full"))
 
+    @property
+    def engine(self) -> str | None:
+        """The engine the file runs, in words ("DeepSpeed ZeRO-3, optimizer offload"); None when it names none."""
+        return engine_text(self.parallel)
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "source": self.source, "model": self.model, "options": dict(self.options),
-                "read": dict(self.read), "defaulted": list(self.defaulted), "ignored": dict(self.ignored)}
+                "read": dict(self.read), "defaulted": list(self.defaulted), "ignored": dict(self.ignored),
+                "parallel": dict(self.parallel), "engine": self.engine}
+
+
+def engine_text(parallel: Mapping[str, Any]) -> str | None:
+    """A multi-GPU engine in words, from parallel options; None when they name no engine
+    (no ZeRO stage, no FSDP, no offload, no GPU count)."""
+    zero, fsdp, offload = parallel.get("zero"), parallel.get("fsdp"), parallel.get("offload", "none")
+    if fsdp:
+        name = f"FSDP {fsdp}"
+    elif zero is not None:
+        name = f"DeepSpeed ZeRO-{zero}"
+    elif "gpus" in parallel or "nodes" in parallel:
+        name = "DDP"
+    else:
+        return None
+    return name + (f", {OFFLOAD_WORDS.get(offload, offload)} offload" if offload and offload != "none" else "")
+
+
+OFFLOAD_WORDS = {"optimizer": "optimizer", "params": "parameter"}  # vramplan offload values, in words
 
 
 def plain(v: Any) -> Any:
@@ -52,10 +80,12 @@ def plain(v: Any) -> Any:
 class Reading:
     """Builds one TrainConfig: typed reads of the file's keys, recording each one used."""
 
-    def __init__(self, data: Mapping[str, Any], where: str) -> None:
+    def __init__(self, data: Mapping[str, Any], where: str, base: Path | None = None) -> None:
         self.data = data
         self.where = where  # the file path (or "TrainingArguments") named in errors
+        self.base = base  # the file's directory: relative paths in it (a DeepSpeed JSON) are looked up here first
         self.options: dict[str, Any] = {}
+        self.parallel: dict[str, Any] = {}
         self.read: dict[str, Any] = {}
         self.defaulted: list[str] = []
         self.ignored: dict[str, str] = {}
@@ -135,7 +165,8 @@ class Reading:
 
     def result(self, source: str, model: str) -> TrainConfig:
         return TrainConfig(path=self.where, source=source, model=model, options=dict(self.options), read=dict(self.read),
-                           defaulted=tuple(dict.fromkeys(self.defaulted)), ignored=dict(self.ignored))
+                           defaulted=tuple(dict.fromkeys(self.defaulted)), ignored=dict(self.ignored),
+                           parallel=dict(self.parallel))
 
 
 # HF `OptimizerNames` (transformers 5.23 training_args.py) -> (method it implies, vramplan optimizer).

@@ -8,6 +8,7 @@ finetuning_args.py, model_args.py, data_args.py, parser.py; src/llamafactory/mod
 from __future__ import annotations
 
 from vramplan.readers.common import Reading
+from vramplan.readers.engines import read_engine
 from vramplan.readers.hf import read_training_args
 
 LF_CUTOFF_LEN = 2048  # data_args.py cutoff_len
@@ -71,7 +72,7 @@ def read_llamafactory(r: Reading) -> str:
     fp16 = bool(r.bool("fp16"))
     # parser.py: the model is loaded in compute_dtype (bf16 if bf16 or pure_bf16, fp16 if fp16).
     weights = "bf16" if bf16 else ("fp16" if fp16 else "fp32")
-    read_training_args(r, ckpt_default=None, weights=weights)
+    read_training_args(r, ckpt_default=None, weights=weights, engine=True)
     # checkpointing is on unless disable_gradient_checkpointing (model_args.py default False).
     r.set(grad_checkpointing=not r.bool("disable_gradient_checkpointing", False))
     if r.bool("use_unsloth_gc"):
@@ -93,5 +94,6 @@ def read_llamafactory(r: Reading) -> str:
         r.set(attn=LF_ATTN[attn])
     for key, why in LF_UNMODELLED:
         r.ignore(key, why)
+    read_engine(r)  # TrainingArguments' deepspeed / fsdp (LLaMA-Factory's examples/deepspeed/*.json)
     r.set(trainer="hf")
     return model

@@ -7,6 +7,7 @@ trl/trainer/model_config.py, trl/trainer/utils.py (get_peft_config, get_quantiza
 from __future__ import annotations
 
 from vramplan.readers.common import Reading, lora_targets, map_attn, weights_dtype
+from vramplan.readers.engines import read_engine
 from vramplan.readers.hf import read_training_args
 
 # SFTConfig.max_length defaults to 1024 (sft_config.py); None means no truncation.
@@ -67,7 +68,7 @@ def read_trl(r: Reading) -> str:
     data = dict(r.data)
     data.setdefault("bf16", r.read["bf16"])
     r.data = data
-    read_training_args(r, ckpt_default=True, weights=weights)
+    read_training_args(r, ckpt_default=True, weights=weights, engine=True)
     if "max_length" in r.data and r.data["max_length"] is None:
         r.read["max_length"] = None
         r.ignored["max_length"] = "None: no truncation, the data sets the length; the trl preset's 1024 applies, pass --seq-len"
@@ -83,5 +84,6 @@ def read_trl(r: Reading) -> str:
     if loss not in (None, "chunked_nll") and not r.options.get("liger"):
         # loss_type defaults to "chunked_nll" (sft_config.py __post_init__), which the trl preset models.
         r.ignored["loss_type"] = f"{loss!r}: the trl preset models the default chunked_nll loss (no full logits)"
+    read_engine(r)
     r.set(trainer="trl")
     return model
