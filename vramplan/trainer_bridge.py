@@ -4,20 +4,31 @@
 
 `model_config` is a transformers PretrainedConfig or its dict, `training_args` a TrainingArguments
 (or TRL SFTConfig) or its dict, `peft_config` a peft LoraConfig (prefix / prompt / IA3 too) or its
-dict. Imports no torch: objects are read through their `to_dict()`."""
+dict. Imports no torch: objects are read through their `to_dict()`.
+
+Under several GPUs or an engine (DeepSpeed ZeRO, FSDP, plain DDP with world size > 1) the per-GPU
+figures are `estimate_parallel_from_trainer`'s: the engine from `deepspeed` / `fsdp` + `fsdp_config`
+(or accelerate's resolved DeepSpeed plugin, or `accelerate launch`'s FSDP environment), the world
+size from the live arguments or torchrun's environment (`trainer_parallel`)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from vramplan.arch import FAMILIES, ModelSpec, arch_from_hf_config, build_spec
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
-from vramplan.readers.common import DTYPE_NAMES, Reading, TrainConfig, lora_targets, map_attn
+from vramplan.readers.common import DTYPE_NAMES, Reading, TrainConfig, engine_text, lora_targets, map_attn
+from vramplan.readers.engines import fsdp_from_config, read_engine
 from vramplan.readers.hf import read_length, read_training_args
 from vramplan.readers.trl import TRL_MAX_LENGTH
 from vramplan.setup import make_setup
+
+if TYPE_CHECKING:
+    from vramplan.distributed import DistributedEstimate, Parallel
 
 # TrainingArguments carry no sequence length: without seq_len= (or TRL's max_length) this is
 # assumed, capped at the model's positions, and listed in `ignored`.
@@ -100,19 +111,70 @@ def _peft(r: Reading, peft: Mapping[str, Any], spec: ModelSpec, quant: str | Non
     r.defaulted.extend(f"peft_config.{k}" for k in p.defaulted)
 
 
-def trainer_config(model_config: Any, training_args: Any, peft_config: Any = None, **overrides: Any) -> TrainConfig:
+def live_deepspeed_config(training_args: Any) -> Mapping[str, Any] | None:
+    """The DeepSpeed config a live TrainingArguments resolved, or None (a dict, no DeepSpeed):
+    accelerate's DeepSpeedPlugin, which TrainingArguments.__post_init__ builds from `deepspeed`
+    (a JSON path loaded, or the dict) or, under `accelerate launch --use_deepspeed`, from
+    accelerate's environment (transformers 5.23 training_args.py, step 12 of __post_init__;
+    accelerate 1.15 utils/dataclasses.py DeepSpeedPlugin.__post_init__: deepspeed_config is its
+    HfDeepSpeedConfig's dict, with zero_optimization.stage and the offload devices)."""
+    if isinstance(training_args, Mapping):
+        return None
+    cfg = getattr(getattr(training_args, "deepspeed_plugin", None), "deepspeed_config", None)
+    return cfg if isinstance(cfg, Mapping) else None
+
+
+# What `accelerate launch` with an FSDP config exports (accelerate 1.15 utils/launch.py
+# prepare_multi_gpu_env) and FullyShardedDataParallelPlugin.__post_init__ reads back when the
+# Trainer passes no plugin, i.e. TrainingArguments without `fsdp` (utils/dataclasses.py).
+ACCELERATE_FSDP_ENV = ("FSDP_VERSION", "FSDP_SHARDING_STRATEGY", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS",
+                       "FSDP_ACTIVATION_CHECKPOINTING")
+
+
+def accelerate_fsdp_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The FSDP settings of `accelerate launch`'s environment as an fsdp_config mapping (keys
+    lower-cased: fsdp_version, fsdp_reshard_after_forward ...), or None unless ACCELERATE_USE_FSDP
+    is true. The plugin's FSDP_VERSION defaults to 1, whose strategy is FSDP_SHARDING_STRATEGY;
+    FSDP2 reads FSDP_RESHARD_AFTER_FORWARD instead; so only the one its version reads is kept."""
+    if str(environ.get("ACCELERATE_USE_FSDP", "false")).strip().lower() != "true":
+        return None
+    cfg = {k.lower(): environ[k] for k in ACCELERATE_FSDP_ENV if k in environ}
+    unread = "fsdp_sharding_strategy" if str(cfg.get("fsdp_version", "1")).strip() == "2" else "fsdp_reshard_after_forward"
+    cfg.pop(unread, None)
+    return cfg
+
+
+def _read_live_engine(r: Reading, environ: Mapping[str, str]) -> None:
+    """The engine of the arguments (`deepspeed`, `fsdp` / `fsdp_config`); where they name none,
+    `accelerate launch`'s FSDP environment (read keys `env:fsdp_...`)."""
+    read_engine(r)
+    env = accelerate_fsdp_env(environ) if not r.parallel else None
+    if env is not None:
+        r.read["env:accelerate_use_fsdp"] = True
+        fsdp_from_config(r, env, "env:", lambda k, msg: VramplanError(f"environment variable {k.upper()}: {msg}"))
+
+
+def trainer_config(model_config: Any, training_args: Any, peft_config: Any = None, *,
+                   environ: Mapping[str, str] | None = None, **overrides: Any) -> TrainConfig:
     """The vramplan options of a live (model config, training args, peft config); `overrides`
     (vramplan option names) win, e.g. kbit_prepare seen on the live model; `loaded_dtype`
-    (bf16/fp16/fp32) is the dtype the dense weights were loaded in, when the config does not say."""
+    (bf16/fp16/fp32) is the dtype the dense weights were loaded in, when the config does not say.
+    The engine the arguments run is read into `parallel` (see `trainer_parallel`); `environ`
+    (default os.environ) is where `accelerate launch` leaves an FSDP config."""
     cfg = as_dict(model_config, "model_config")
     args = as_dict(training_args, "training_args")
+    ds = live_deepspeed_config(training_args)
+    if ds is not None:
+        args["deepspeed"] = dict(ds)
     trl = is_trl_args(training_args, args)
     r = Reading(args, type(training_args).__name__ if not isinstance(training_args, Mapping) else "training_args")
     spec = model_spec(cfg)
     weights = overrides.pop("loaded_dtype", None) or config_dtype(cfg)
     # A live args object is already resolved (SFTConfig's checkpointing default True included);
     # for a dict, each tool's default applies.
-    read_training_args(r, ckpt_default=trl, weights=weights)
+    read_training_args(r, ckpt_default=trl, weights=weights, engine=True)
+    # after the checkpointing keys: FSDP's own activation checkpointing turns it on
+    _read_live_engine(r, os.environ if environ is None else environ)
     if trl:
         if "max_length" in args and args["max_length"] is None:
             r.ignored["max_length"] = "None: no truncation, the data sets the length; pass seq_len="
@@ -141,10 +203,119 @@ def trainer_config(model_config: Any, training_args: Any, peft_config: Any = Non
     return r.result("trl" if trl else "hf", spec.name)
 
 
+def _whole(v: Any, least: int) -> int | None:
+    """A process count or rank from a live attribute or an environment string, if it is a whole
+    number >= `least`; else None."""
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v.strip())
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= least else None
+
+
+def _live(training_args: Any, name: str) -> Any:
+    """A live TrainingArguments property (a dict's key); None where absent or unreadable
+    (TrainingArguments.world_size calls requires_backends, ImportError without torch)."""
+    if isinstance(training_args, Mapping):
+        return training_args.get(name)
+    try:
+        return getattr(training_args, name, None)
+    except ImportError:
+        return None
+
+
+def trainer_world(training_args: Any, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(world size, nodes) of the run. The world size is TrainingArguments.world_size (accelerate's
+    process count, transformers 5.23 training_args.py), else torchrun's WORLD_SIZE, else 1; the
+    nodes are WORLD_SIZE / LOCAL_WORLD_SIZE (torchrun sets both, torch/distributed/run.py) where
+    they divide the world size, else 1."""
+    env = os.environ if environ is None else environ
+    world = _whole(_live(training_args, "world_size"), 1) or _whole(env.get("WORLD_SIZE"), 1) or 1
+    local = _whole(env.get("LOCAL_WORLD_SIZE"), 1)
+    nodes = world // local if local and world % local == 0 else 1
+    return world, nodes
+
+
+def trainer_rank(training_args: Any, environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank: TrainingArguments.process_index, else torchrun's RANK, else 0."""
+    env = os.environ if environ is None else environ
+    live = _whole(_live(training_args, "process_index"), 0)
+    return live if live is not None else (_whole(env.get("RANK"), 0) or 0)
+
+
+# TrainConfig.parallel keys that name the engine (gpus / nodes come from the live world)
+ENGINE_KEYS = ("zero", "fsdp", "offload")
+
+
+def trainer_parallel(tc: TrainConfig, training_args: Any, environ: Mapping[str, str] | None = None) -> Parallel | None:
+    """The vramplan Parallel the run is: `tc`'s engine (trainer_config's `parallel`) over
+    trainer_world's GPUs; None for one plain GPU, where the single-GPU estimate applies."""
+    from vramplan.distributed import make_parallel, needs_parallel
+
+    world, nodes = trainer_world(training_args, environ)
+    opts = {k: v for k, v in tc.parallel.items() if k in ENGINE_KEYS}
+    opts.update(gpus=world // nodes, nodes=nodes)
+    if not needs_parallel(**opts):
+        return None
+    try:
+        return make_parallel(**opts)
+    except VramplanError as e:
+        raise VramplanError(f"{tc.path}: {tc.engine or 'DDP'} on {world} GPU(s) is not modelled: {e}") from None
+
+
+def parallel_words(par: Parallel) -> str:
+    """The engine and world of `par` in words: "DeepSpeed ZeRO-3, optimizer offload, on 2 GPUs"."""
+    words = engine_text({"zero": par.zero if par.engine == "deepspeed" else None, "fsdp": par.fsdp,
+                         "offload": par.offload, "gpus": par.gpus_per_node})
+    nodes = f" over {par.nodes} nodes" if par.nodes > 1 else ""
+    return f"{words}, on {par.world} GPU{'s' if par.world > 1 else ''}{nodes}"
+
+
 def estimate_from_trainer(model_config: Any, training_args: Any, peft_config: Any = None, **overrides: Any) -> Estimate:
     """Estimate the memory of the training step that (model_config, training_args, peft_config)
-    describe; `overrides` are vramplan options that win over what was read."""
+    describe on one GPU; `overrides` are vramplan options that win over what was read. Where the
+    arguments run several GPUs or an engine, a note says so: the per-GPU figures are
+    estimate_parallel_from_trainer's."""
     cfg = as_dict(model_config, "model_config")
     tc = trainer_config(cfg, training_args, peft_config, **overrides)
     spec = model_spec(cfg)
-    return estimate_setup(spec, make_setup(spec, **tc.options))
+    est = estimate_setup(spec, make_setup(spec, **tc.options))
+    par = trainer_parallel(tc, training_args)
+    if par is None:
+        return est
+    return replace(est, notes=(*est.notes, f"the training arguments run {parallel_words(par)}: this is the single-GPU "
+                                           "estimate; the per-GPU figures are estimate_parallel_from_trainer's"))
+
+
+def estimate_parallel_from_trainer(model_config: Any, training_args: Any, peft_config: Any = None, *,
+                                   environ: Mapping[str, str] | None = None, **overrides: Any) -> DistributedEstimate:
+    """Per-GPU (and host) memory of the training step under the engine and world size the live
+    arguments run (trainer_parallel); one plain GPU is estimate_parallel's gpus=1. `overrides` as
+    for estimate_from_trainer; `environ` (default os.environ) is torchrun's and accelerate's."""
+    from vramplan.distributed import estimate_distributed, make_parallel
+
+    cfg = as_dict(model_config, "model_config")
+    tc = trainer_config(cfg, training_args, peft_config, environ=environ, **overrides)
+    spec = model_spec(cfg)
+    par = trainer_parallel(tc, training_args, environ) or make_parallel()
+    return estimate_distributed(spec, make_setup(spec, **tc.options), par)
+
+
+def record_setup_fields(par: Parallel) -> dict[str, Any]:
+    """The engine keys a distributed record's setup carries, as vramplan.profiler.trainer_dist's
+    setups do (gpus = world size; zero, fsdp, offload where set), which
+    vramplan.records.record_distributed re-estimates per GPU from."""
+    out: dict[str, Any] = {"gpus": par.world}
+    if par.engine == "deepspeed":
+        out["zero"] = par.zero
+    if par.fsdp:
+        out["fsdp"] = par.fsdp
+    if par.offload != "none":
+        out["offload"] = par.offload
+    return out
+
+
+def record_launch_fields(par: Parallel, rank: int) -> dict[str, Any]:
+    """What a record says of its launch, as vramplan.profiler.trainer_dist.launch_fields (engine,
+    world_size, rank), from the live run rather than the environment."""
+    from vramplan.profiler.trainer_dist import engine
+
+    return {"engine": engine(record_setup_fields(par)), "world_size": par.world, "rank": rank}

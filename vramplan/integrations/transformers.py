@@ -11,6 +11,12 @@ not fit the card's free memory, naming the cheapest change that fits (vramplan's
 `measure_steps` optimizer steps it logs the measured `torch.cuda.max_memory_allocated()` against
 the prediction and, with `record_path`, appends a record in the data/measurements format.
 
+Under several GPUs or an engine (DeepSpeed ZeRO, FSDP, DDP with world size > 1: the engine read
+from the TrainingArguments, the world size from them or torchrun's environment) each rank checks,
+compares and records its own GPU's figures (vramplan.distributed, per GPU); its record carries the
+engine, world size and rank, as the multi-GPU profiler's do, so vramplan.records re-estimates it
+per GPU.
+
 Only users who have transformers import this module; it imports torch and transformers."""
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import platform
 import warnings
 from dataclasses import dataclass, replace
@@ -28,10 +35,21 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from vramplan.allocator import nccl_bytes
+from vramplan.distributed import DistributedEstimate, Parallel, estimate_distributed
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.setup import Setup, make_setup, profiler_setup
-from vramplan.trainer_bridge import as_dict, model_spec, trainer_config
+from vramplan.trainer_bridge import (
+    as_dict,
+    model_spec,
+    parallel_words,
+    record_launch_fields,
+    record_setup_fields,
+    trainer_config,
+    trainer_parallel,
+    trainer_rank,
+)
 from vramplan.units import fmt_gib
 
 logger = logging.getLogger("vramplan")
@@ -45,13 +63,15 @@ class PreflightOOMError(VramplanError):
 
 @dataclass(frozen=True)
 class Comparison:
-    """Measured against predicted peak allocated, for the setup the model really ran."""
+    """Measured against predicted peak allocated, for the setup the model really ran (per GPU
+    under `parallel`)."""
 
     steps: int
     measured_bytes: int
     predicted_bytes: int
     reserved_bytes: int
     setup: Setup
+    parallel: Parallel | None = None
 
     @property
     def error(self) -> float:
@@ -83,14 +103,29 @@ def active_peft_config(model: Any) -> Any:
     return cfgs.get(name) if isinstance(name, str) and name in cfgs else next(iter(cfgs.values()))
 
 
-def free_capacity_bytes(est: Estimate) -> int | None:
+def free_capacity_bytes(est: Estimate, held_outside: int = 0) -> int | None:
     """Memory this process can still use on its card: free memory plus what its own allocator
-    and CUDA context already hold (the model is loaded by on_train_begin); None without CUDA."""
+    and CUDA context already hold (the model is loaded by on_train_begin), plus `held_outside`
+    (bytes outside the allocator it already holds, NCCL's: held_nccl_bytes); None without CUDA."""
     if not torch.cuda.is_available():
         return None
     free, _total = torch.cuda.mem_get_info()
-    held = torch.cuda.memory_reserved() + est.outside_allocator.get("cuda_context", 0)
+    held = torch.cuda.memory_reserved() + est.outside_allocator.get("cuda_context", 0) + held_outside
     return int(free + held)
+
+
+def held_nccl_bytes(d: DistributedEstimate) -> int:
+    """NCCL memory this process already holds at on_train_begin, which the per-GPU device total
+    counts: once the process group exists the engine's wrapping has used it (DDP and DeepSpeed
+    broadcast rank 0's parameters at wrap time; accelerate's wait_for_everyone barriers), so NCCL's
+    init and the default group's channel buffers are taken (vramplan.allocator.nccl_bytes, torch's
+    group); DeepSpeed's own ZeRO groups allocate theirs at their first collective, in the step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    line = sum(v for k, v in d.per_gpu_outside_allocator.items() if k.startswith("nccl"))
+    return min(line, nccl_bytes(world_size=d.parallel.world, engine="torch"))
 
 
 CHANGE_FIELDS = ("method", "dtype", "precision", "optimizer", "lora_rank", "grad_checkpointing", "batch_size", "seq_len",
@@ -101,10 +136,19 @@ def _changes(req: Setup, s: Setup) -> tuple[str, ...]:
     return tuple(f"{k}: {getattr(req, k)} -> {getattr(s, k)}" for k in CHANGE_FIELDS if getattr(req, k) != getattr(s, k))
 
 
-def cheapest_fit(est: Estimate, spec: Any, capacity: int) -> str:
+def device_total_bytes(spec: Any, setup: Setup, par: Parallel | None) -> int:
+    """The device total of `setup`: one GPU's, or per GPU under `par`."""
+    if par is None:
+        return estimate_setup(spec, setup).device_total_bytes
+    return estimate_distributed(spec, setup, par).per_gpu_device_total_bytes
+
+
+def cheapest_fit(est: Estimate, spec: Any, capacity: int, par: Parallel | None = None) -> str:
     """The fewest changes that make the step fit `capacity` bytes, as text: first the planner's
     configurations (method, dtype, optimizer, rank, checkpointing) at the requested batch and
-    length; failing those, the planner's search with the batch (and accumulation) moved."""
+    length; failing those, the planner's search with the batch (and accumulation) moved. Under
+    `par` the per-GPU device total is what must fit, and the batch fallback halves the
+    micro-batch with checkpointing on (the planner's search is one GPU's)."""
     from vramplan.catalog import GPU
     from vramplan.decide.plan import plan, search_space
 
@@ -114,14 +158,16 @@ def cheapest_fit(est: Estimate, spec: Any, capacity: int) -> str:
         try:
             s = make_setup(spec, **{k: getattr(cfg, k) for k in Setup.__dataclass_fields__ if k != "lora_targets"},
                            lora_targets=cfg.lora_targets or "all-linear")
+            need = device_total_bytes(spec, s, par)
         except VramplanError:
             continue
-        e = estimate_setup(spec, s)
-        if e.device_total_bytes <= capacity:
-            fits.append((len(_changes(req, s)), e.device_total_bytes, _changes(req, s)))
+        if need <= capacity:
+            fits.append((len(_changes(req, s)), need, _changes(req, s)))
     if fits:
         _n, need, changes = min(fits)
-        return f"{'; '.join(changes) or 'none'} ({fmt_gib(need)})"
+        return f"{'; '.join(changes) or 'none'} ({fmt_gib(need)}{' per GPU' if par is not None else ''})"
+    if par is not None:
+        return _smaller_batch_fit(spec, req, capacity, par)
     card = GPU(name="this card (free)", aliases=(), vendor="nvidia", memory_bytes=capacity, usable_bytes=capacity,
                bandwidth_gbs=1.0, bf16_tflops=1.0, bf16=True, price_hour_usd=None, source="torch.cuda.mem_get_info")
     found = plan(spec, req, card, objective="fewest-changes", limit=1, headroom=0.0)
@@ -129,6 +175,20 @@ def cheapest_fit(est: Estimate, spec: Any, capacity: int) -> str:
         return "none that vramplan searches fits this card"
     c = found.candidates[0]
     return f"{'; '.join(c.changes)} ({fmt_gib(c.estimate.device_total_bytes)})"
+
+
+def _smaller_batch_fit(spec: Any, req: Setup, capacity: int, par: Parallel) -> str:
+    """Under `par`: the largest halved micro-batch, with checkpointing on and the accumulation
+    raised to keep the samples per step, whose per-GPU device total fits `capacity`."""
+    b = req.batch_size
+    while b > 1:
+        b //= 2
+        s = replace(req, batch_size=b, grad_accum=req.grad_accum * -(-req.batch_size // b), grad_checkpointing=True)
+        need = device_total_bytes(spec, s, par)
+        if need <= capacity:
+            return f"{'; '.join(_changes(req, s))} ({fmt_gib(need)} per GPU)"
+    return (f"none that vramplan searches fits this card under {parallel_words(par)}; more GPUs, a higher ZeRO "
+            "stage / full_shard or offload lower the per-GPU memory")
 
 
 def _versions() -> dict[str, str]:
@@ -173,6 +233,9 @@ class MemoryPreflight(TrainerCallback):
         self.name = name
         self.options = options
         self.estimate: Estimate | None = None
+        self.parallel: Parallel | None = None  # the run's engine and world; None on one plain GPU
+        self.distributed: DistributedEstimate | None = None  # the per-GPU estimate under `parallel`
+        self.rank = 0
         self.spec: Any = None
         self.read: dict[str, Any] = {}
         self.comparison: Comparison | None = None
@@ -183,7 +246,8 @@ class MemoryPreflight(TrainerCallback):
 
     # ---- prediction ---------------------------------------------------------------------------
     def predict(self, model: Any, args: Any) -> Estimate:
-        """The estimate of `model` trained with `args` (the peft config is the model's own)."""
+        """The estimate of `model` trained with `args` (the peft config is the model's own), on
+        one GPU; under several GPUs or an engine, `parallel` and the per-GPU `distributed` too."""
         cfg = as_dict(model.config, "model.config")
         self.spec = model_spec(cfg)
         opts = {**live_overrides(model), **self.options}
@@ -191,18 +255,33 @@ class MemoryPreflight(TrainerCallback):
         if "(sequence length)" in tc.ignored:
             logger.warning("vramplan: %s; pass MemoryPreflight(seq_len=...)", tc.ignored["(sequence length)"])
         self.read = {"source": tc.source, "read": tc.read, "ignored": tc.ignored}
-        return estimate_setup(self.spec, make_setup(self.spec, **tc.options))
+        self.parallel = trainer_parallel(tc, args)
+        self.rank = trainer_rank(args)
+        est = estimate_setup(self.spec, make_setup(self.spec, **tc.options))
+        self.distributed = None
+        if self.parallel is not None:
+            self.read["parallel"] = self.parallel.to_dict()
+            self.distributed = estimate_distributed(self.spec, est.setup, self.parallel)
+        return est
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is None:
             return
         est = self.estimate = self.predict(model, args)
-        capacity = self.free_bytes if self.free_bytes is not None else free_capacity_bytes(est)
-        line = (f"vramplan: predicted peak allocated {fmt_gib(est.peak_allocated_bytes)}, device total "
-                f"{fmt_gib(est.device_total_bytes)} ({est.peak_phase})")
-        if capacity is not None and est.device_total_bytes > capacity:
+        d = self.distributed
+        if d is None:
+            need = est.device_total_bytes
+            capacity = self.free_bytes if self.free_bytes is not None else free_capacity_bytes(est)
+            line = (f"vramplan: predicted peak allocated {fmt_gib(est.peak_allocated_bytes)}, device total "
+                    f"{fmt_gib(need)} ({est.peak_phase})")
+        else:
+            need = d.per_gpu_device_total_bytes
+            capacity = self.free_bytes if self.free_bytes is not None else free_capacity_bytes(est, held_nccl_bytes(d))
+            line = (f"vramplan: predicted per-GPU peak allocated {fmt_gib(d.per_gpu_peak_allocated_bytes)}, device total "
+                    f"{fmt_gib(need)} ({d.peak_phase}) under {parallel_words(d.parallel)}")
+        if capacity is not None and need > capacity:
             msg = (f"{line} will not fit the {fmt_gib(capacity)} free on this card; cheapest change that fits: "
-                   f"{cheapest_fit(est, self.spec, capacity)}")
+                   f"{cheapest_fit(est, self.spec, capacity, self.parallel)}")
             if self.raise_on_oom:
                 raise PreflightOOMError(msg)
             warnings.warn(msg, ResourceWarning, stacklevel=2)
@@ -255,26 +334,68 @@ class MemoryPreflight(TrainerCallback):
         setup = self.estimate.setup
         if self._shape is not None:  # the shapes the model really saw
             setup = replace(setup, batch_size=self._shape[0], seq_len=self._shape[1])
-        predicted = estimate_setup(self.spec, setup)
+        par = self.parallel
+        if par is None:
+            predicted = estimate_setup(self.spec, setup).peak_allocated_bytes
+        else:
+            predicted = estimate_distributed(self.spec, setup, par).per_gpu_peak_allocated_bytes
         measured = max(s["peak"] for s in self._steps)
         reserved = max(s["reserved_peak"] for s in self._steps)
-        self.comparison = Comparison(len(self._steps), measured, predicted.peak_allocated_bytes, reserved, setup)
-        logger.warning("vramplan: measured peak allocated %s after %d steps, predicted %s (%+.1f%%)", fmt_gib(measured),
-                       len(self._steps), fmt_gib(predicted.peak_allocated_bytes), 100 * self.comparison.error)
+        self.comparison = Comparison(len(self._steps), measured, predicted, reserved, setup, par)
+        if par is None:
+            logger.warning("vramplan: measured peak allocated %s after %d steps, predicted %s (%+.1f%%)",
+                           fmt_gib(measured), len(self._steps), fmt_gib(predicted), 100 * self.comparison.error)
+        else:
+            logger.warning("vramplan: rank %d measured peak allocated %s after %d steps, predicted %s per GPU under %s "
+                           "(%+.1f%%)", self.rank, fmt_gib(measured), len(self._steps), fmt_gib(predicted),
+                           parallel_words(par), 100 * self.comparison.error)
         if self.record_path is not None:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.record_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(self.record()) + "\n")
+            append_line(self.record_path, json.dumps(self.record()) + "\n")
 
     def record(self) -> dict[str, Any]:
-        """The measured run in the data/measurements record format (vramplan/records.py)."""
+        """The measured run in the data/measurements record format (vramplan/records.py); under
+        several GPUs or an engine, this rank's, with the engine keys in its setup and the launch
+        fields (engine, world_size, rank) of vramplan.profiler.trainer_dist's records."""
         assert self.comparison is not None
         c = self.comparison
         free, total = torch.cuda.mem_get_info()
-        name = self.name or f"trainer-{self.spec.name}-{c.setup.method}-b{c.setup.batch_size}s{c.setup.seq_len}"
-        return {"setup": profiler_setup(self.spec, c.setup, name=name), "date": datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(), "versions": _versions(),
-                "status": "ok", "steps": self._steps, "peak_allocated": c.measured_bytes, "peak_reserved": c.reserved_bytes,
-                "device_used_end": int(total - free), "gpu_total": int(total), "predicted_peak_allocated": c.predicted_bytes,
-                "train_config": self.read, "concurrent": False,
-                "source": "vramplan.integrations.transformers.MemoryPreflight inside the transformers Trainer"}
+        name = self.name or default_record_name(self.spec.name, c.setup, c.parallel)
+        setup = profiler_setup(self.spec, c.setup, name=name)
+        if c.parallel is not None:
+            setup.update(record_setup_fields(c.parallel))
+        rec = {"setup": setup, "date": datetime.datetime.now(datetime.timezone.utc)
+               .isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(), "versions": _versions(),
+               "status": "ok", "steps": self._steps, "peak_allocated": c.measured_bytes, "peak_reserved": c.reserved_bytes,
+               "device_used_end": int(total - free), "gpu_total": int(total), "predicted_peak_allocated": c.predicted_bytes,
+               "train_config": self.read, "concurrent": False,
+               "source": "vramplan.integrations.transformers.MemoryPreflight inside the transformers Trainer"}
+        if c.parallel is not None:
+            rec.update(record_launch_fields(c.parallel, self.rank))
+        return rec
+
+
+# FSDP strategies in record names, as the profiler's (d2-fsdp-*, d2-fsdpgo-*)
+FSDP_TAGS = {"full_shard": "fsdp", "shard_grad_op": "fsdpgo", "no_shard": "fsdpns"}
+
+
+def default_record_name(model: str, setup: Setup, par: Parallel | None) -> str:
+    """trainer-<model>-<method>-b<batch>s<length>; under an engine its tag and the world size
+    after the model (trainer-<model>-z3x2-full-..., -fsdpx2-, -ddpx4-)."""
+    tag = ""
+    if par is not None:
+        eng = f"z{par.zero}" if par.engine == "deepspeed" else FSDP_TAGS.get(par.fsdp or "", "ddp")
+        tag = f"-{eng}{'-off' + par.offload if par.offload != 'none' else ''}x{par.world}"
+    return f"trainer-{model}{tag}-{setup.method}-b{setup.batch_size}s{setup.seq_len}"
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` with one write() on an O_APPEND descriptor, so that the ranks of one launch
+    appending to the same file do not interleave their records."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # open()'s mode
+    try:
+        data = line.encode("utf-8")
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
