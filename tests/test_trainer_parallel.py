@@ -266,3 +266,16 @@ def test_held_nccl_memory_is_nothing_without_a_process_group():
     d = estimate_parallel_from_trainer(llama_config(), LiveArgs(base_args(deepspeed=ZERO3), world_size=2), seq_len=SEQ,
                                        environ=NO_ENV)
     assert held_nccl_bytes(d) == 0
+
+
+def test_callback_warns_and_steps_aside_when_it_cannot_model_the_run():
+    # a memory check must never stop a training run for its own limits
+    model = meta_llama()
+    args = LiveArgs(base_args(fsdp=True, fsdp_config={"reshard_after_forward": False, "cpu_offload": True}), world_size=2)
+    cb = preflight(free_bytes=1, raise_on_oom=True)
+    with pytest.warns(RuntimeWarning, match=r"no preflight estimate for this run: LiveArgs: FSDP shard_grad_op"):
+        cb.on_train_begin(args, None, None, model=model)
+    assert cb.estimate is None
+    cb.on_step_end(args, None, None)
+    cb.on_train_end(args, None, None)
+    assert cb.comparison is None

@@ -16,6 +16,7 @@ from vramplan.estimator import Estimate, estimate, estimate_setup, with_method
 from vramplan.options import OPTIONS, Option
 from vramplan.setup import Setup, make_setup
 from vramplan.trainer_bridge import estimate_from_trainer as estimate_from_trainer
+from vramplan.trainer_bridge import estimate_parallel_from_trainer as estimate_parallel_from_trainer
 
 __version__ = "0.1.0"
 
@@ -92,6 +93,7 @@ __all__ = [
     "__version__",
     "estimate",
     "estimate_parallel",
+    "estimate_parallel_from_trainer",
     "estimate_setup",
     "fit",
     "make_setup",

@@ -267,7 +267,11 @@ class MemoryPreflight(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is None:
             return
-        est = self.estimate = self.predict(model, args)
+        try:
+            est = self.estimate = self.predict(model, args)
+        except VramplanError as e:  # a memory check must not stop a run vramplan cannot model
+            warnings.warn(f"vramplan: no preflight estimate for this run: {e}", RuntimeWarning, stacklevel=2)
+            return
         d = self.distributed
         if d is None:
             need = est.device_total_bytes
