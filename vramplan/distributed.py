@@ -553,9 +553,9 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
     if held:
         single = replace(single, notes=(*single.notes, (
-            f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed keeps every frozen "
-            f"layer weight gathered from its recompute to the optimizer step: {fmt_gib(held)} per GPU; Trainer's "
-            f"non-reentrant checkpointing or ZeRO-2 avoid it")))
+            f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed (measured with 0.19.8) "
+            f"keeps every frozen layer weight gathered from its recompute to the optimizer step: {fmt_gib(held)} per "
+            f"GPU; Trainer's non-reentrant checkpointing or ZeRO-2 avoid it")))
     gpu, cpu = _fsdp_phases(spec, setup, par, m) if par.engine == "fsdp" else _zero_phases(spec, setup, par, m, ddp_mixed)
     for parts in gpu.values():
         parts["cublas_workspace"] = t["workspace"]
