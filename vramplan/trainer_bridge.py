@@ -22,7 +22,7 @@ from vramplan.arch import FAMILIES, ModelSpec, arch_from_hf_config, build_spec
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.readers.common import DTYPE_NAMES, Reading, TrainConfig, engine_text, lora_targets, map_attn
-from vramplan.readers.engines import fsdp_from_config, read_engine
+from vramplan.readers.engines import ENGINE_KEYS, fsdp_from_config, read_engine
 from vramplan.readers.hf import read_length, read_training_args
 from vramplan.readers.trl import TRL_MAX_LENGTH
 from vramplan.setup import make_setup
@@ -172,7 +172,7 @@ def trainer_config(model_config: Any, training_args: Any, peft_config: Any = Non
     weights = overrides.pop("loaded_dtype", None) or config_dtype(cfg)
     # A live args object is already resolved (SFTConfig's checkpointing default True included);
     # for a dict, each tool's default applies.
-    read_training_args(r, ckpt_default=trl, weights=weights, engine=True)
+    read_training_args(r, ckpt_default=trl, weights=weights)
     # after the checkpointing keys: FSDP's own activation checkpointing turns it on
     _read_live_engine(r, os.environ if environ is None else environ)
     if trl:
@@ -239,10 +239,6 @@ def trainer_rank(training_args: Any, environ: Mapping[str, str] | None = None) -
     env = os.environ if environ is None else environ
     live = _whole(_live(training_args, "process_index"), 0)
     return live if live is not None else (_whole(env.get("RANK"), 0) or 0)
-
-
-# TrainConfig.parallel keys that name the engine (gpus / nodes come from the live world)
-ENGINE_KEYS = ("zero", "fsdp", "offload")
 
 
 def trainer_parallel(tc: TrainConfig, training_args: Any, environ: Mapping[str, str] | None = None) -> Parallel | None:

@@ -17,12 +17,12 @@ from typing import Annotated, Any
 import typer
 
 from vramplan.errors import VramplanError
+from vramplan.readers.engines import ENGINE_KEYS
 
 TrainConfigOption = Annotated[Path | None, typer.Option(
     "--train-config", help="read the setup from a training config (TRL, axolotl, LLaMA-Factory YAML, or HF "
     "TrainingArguments JSON/YAML with model_name_or_path), with its deepspeed / fsdp engine, or the world size and "
     "engine from an accelerate config (then pass --model); command-line options override it")]
-ENGINE_KEYS = ("zero", "fsdp", "offload")  # one choice: the engine and what it offloads
 
 
 def train_config_param() -> inspect.Parameter:

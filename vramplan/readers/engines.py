@@ -33,6 +33,9 @@ MODELLED_SHARDING = ("full_shard", "shard_grad_op", "no_shard")
 ACCELERATE_TYPES = ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
 # accelerate DeepSpeedPlugin: zero_stage defaults to 2 (ACCELERATE_DEEPSPEED_ZERO_STAGE), offload devices to "none".
 ACCELERATE_ZERO_STAGE = 2
+# The parallel options that name the engine (one choice: ZeRO or FSDP, and what it offloads);
+# gpus / nodes are the world it runs on.
+ENGINE_KEYS = ("zero", "fsdp", "offload")
 
 
 def _as_bool(v: Any) -> bool | None:

@@ -18,13 +18,13 @@ HF_DEFAULT_BATCH = 8
 HF_LENGTH_KEYS = ("max_length", "max_seq_length", "block_size", "model_max_length", "seq_len")
 
 
-def read_training_args(r: Reading, *, ckpt_default: bool | None, weights: str = "bf16", engine: bool = False) -> None:
+def read_training_args(r: Reading, *, ckpt_default: bool | None, weights: str = "bf16") -> None:
     """TrainingArguments keys common to every HF-Trainer-based tool: batch, accumulation,
     checkpointing, optimizer (and GaLore), mixed precision, Liger, and what is not modelled.
     `weights` is the dtype the model is loaded in (bf16, fp16 or fp32); `ckpt_default` None
-    leaves checkpointing to the caller (a tool that sets it outside TrainingArguments).
-    `engine`: the caller reads `deepspeed` / `fsdp` (engines.read_engine, after its own
-    checkpointing keys); else they are listed as ignored."""
+    leaves checkpointing to the caller (a tool that sets it outside TrainingArguments). The caller
+    reads `deepspeed` / `fsdp` afterwards (engines.read_engine: FSDP's own activation
+    checkpointing can turn checkpointing on)."""
     r.set(batch_size=r.posint("per_device_train_batch_size", HF_DEFAULT_BATCH),
           grad_accum=r.posint("gradient_accumulation_steps", 1))
     # transformers 5.x: `activation_checkpointing` is the name, `gradient_checkpointing` its
@@ -45,9 +45,6 @@ def read_training_args(r: Reading, *, ckpt_default: bool | None, weights: str = 
         kw = r.data.get(key)
         if isinstance(kw, dict) and (kw.get("use_reentrant") or kw.get("every_n_layers")):
             r.ignored[key] = f"{kw!r}: vramplan models non-reentrant checkpointing of every layer"
-    if not engine:
-        r.ignore("deepspeed", "multi-GPU engine: estimate with --zero/--gpus (vramplan estimate_parallel)")
-        r.ignore("fsdp", "multi-GPU engine: estimate with --fsdp/--gpus (vramplan estimate_parallel)")
     r.ignore("torch_compile", "compiled graphs free and fuse activations differently; not modelled")
     r.ignore("torch_empty_cache_steps", "emptying the cache lowers reserved, not allocated, memory; not modelled")
     r.ignore("auto_find_batch_size", "the Trainer halves the batch on OOM; the file's batch is estimated")
@@ -73,7 +70,7 @@ def read_hf(r: Reading) -> str:
     model = r.text(model_key)
     assert model is not None  # detect() found it
     weights = weights_dtype(r, "dtype" if r.has("dtype") else "torch_dtype", "bf16")
-    read_training_args(r, ckpt_default=False, weights=weights, engine=True)
+    read_training_args(r, ckpt_default=False, weights=weights)
     read_length(r, None)
     from vramplan.readers.trl import read_model_config
 

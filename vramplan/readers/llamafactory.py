@@ -72,7 +72,7 @@ def read_llamafactory(r: Reading) -> str:
     fp16 = bool(r.bool("fp16"))
     # parser.py: the model is loaded in compute_dtype (bf16 if bf16 or pure_bf16, fp16 if fp16).
     weights = "bf16" if bf16 else ("fp16" if fp16 else "fp32")
-    read_training_args(r, ckpt_default=None, weights=weights, engine=True)
+    read_training_args(r, ckpt_default=None, weights=weights)
     # checkpointing is on unless disable_gradient_checkpointing (model_args.py default False).
     r.set(grad_checkpointing=not r.bool("disable_gradient_checkpointing", False))
     if r.bool("use_unsloth_gc"):

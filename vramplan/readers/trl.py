@@ -68,7 +68,7 @@ def read_trl(r: Reading) -> str:
     data = dict(r.data)
     data.setdefault("bf16", r.read["bf16"])
     r.data = data
-    read_training_args(r, ckpt_default=True, weights=weights, engine=True)
+    read_training_args(r, ckpt_default=True, weights=weights)
     if "max_length" in r.data and r.data["max_length"] is None:
         r.read["max_length"] = None
         r.ignored["max_length"] = "None: no truncation, the data sets the length; the trl preset's 1024 applies, pass --seq-len"
