@@ -107,15 +107,22 @@ class StepPools:
     split_vocab_bytes: int = 0  # a freed vocabulary-sized block split by smaller requests (see peak_reserved_bytes)
 
 
-def param_tensor_bytes(*, lay: Layout, bytes_per_param: float, linear_bytes_per_param: float | None = None) -> list[int]:
-    """Every parameter tensor's bytes in allocation order (layer by layer, then embeddings/head);
-    `linear_bytes_per_param` for quantised Linear weights (0.5 for 4-bit)."""
+def layer_tensor_bytes(*, lay: Layout, bytes_per_param: float, linear_bytes_per_param: float | None = None) -> list[int]:
+    """One decoder layer's parameter tensors' bytes in allocation order; `linear_bytes_per_param`
+    for quantised Linear weights (0.5 for 4-bit)."""
     lin_b = bytes_per_param if linear_bytes_per_param is None else linear_bytes_per_param
     n_other = 2 + sum(lm.bias for lm in lay.linears)  # two norms and the biases of a layer
     other = int(bytes_per_param * (lay.layer_dense_other - lay.layer_expert_params)) // max(1, n_other)
     layer = [int(lin_b * lm.numel) for lm in lay.linears] + [other] * n_other
     if lay.layer_expert_params:
         layer.append(int(bytes_per_param * lay.layer_expert_params))
+    return layer
+
+
+def param_tensor_bytes(*, lay: Layout, bytes_per_param: float, linear_bytes_per_param: float | None = None) -> list[int]:
+    """Every parameter tensor's bytes in allocation order (layer by layer, then embeddings/head);
+    `linear_bytes_per_param` for quantised Linear weights (0.5 for 4-bit)."""
+    layer = layer_tensor_bytes(lay=lay, bytes_per_param=bytes_per_param, linear_bytes_per_param=linear_bytes_per_param)
     tail = [int(bytes_per_param * n) for n in (lay.embed_params, lay.lm_head_params, lay.final_norm_params) if n]
     return layer * lay.layers + tail
 

@@ -28,6 +28,7 @@ from typing import Any
 from vramplan.activations import checkpoint_bytes, layer_saved_by_group
 from vramplan.allocator import (
     first_step_flat_bytes,
+    layer_tensor_bytes,
     nccl_bytes,
     packed_segment_bytes,
     param_tensor_bytes,
@@ -237,7 +238,8 @@ def fsdp_tied_end_bytes(spec: ModelSpec, *, shard: int, grads: int, emb_grad: in
     return max(0, grads - 4 * vh // shard) + 2 * vh + emb_grad + layer_rs_input
 
 
-def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mixed: bool) -> tuple[Phases, dict[str, int]]:
+def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mixed: bool,
+                 held: int) -> tuple[Phases, dict[str, int]]:
     """DeepSpeed ZeRO 1/2/3 and plain DDP.
 
     DDP: torch's Reducer allocates one flat bucket per ~25 MB of gradients, and together the
@@ -248,7 +250,7 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     ZeRO-3 without optimizer offload keeps a flat buffer of this rank's gradient partitions in the
     16-bit dtype on the GPU for the whole run (deepspeed/runtime/zero/stage3.py,
     grad_partitions_flat_buffer; measured: d2-z3-l3b-full starts 3.08 GiB above its master, states
-    and bf16 partition = 2 bytes x params / N)."""
+    and bf16 partition = 2 bytes x params / N). `held`: zero3_reentrant_held_bytes."""
     t, n, psi = m.t, par.world, m.psi
     stage = par.zero
     if par.engine == "deepspeed" and stage == 3:
@@ -292,7 +294,6 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
     backward = {**fixed, "gathered_params": gathered,
                 "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], late_grads + live + hold)}
-    held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
     if held and sum(fixed.values()) + held + live > sum(backward.values()):
         backward = {**fixed, "gathered_params": held, "activations": live}  # the first layer's backward
     gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"]},
@@ -360,9 +361,7 @@ def zero3_gather_pool_extra_bytes(lay: Layout) -> int:
     hit = _GATHER_POOL_CACHE.get(id(lay))
     if hit is not None and hit[0] is lay:
         return hit[1]
-    tensors = param_tensor_bytes(lay=lay, bytes_per_param=2)
-    layers = tensors[:lay.layers * (len(tensors) - sum(1 for n in (lay.embed_params, lay.lm_head_params,
-                                                                   lay.final_norm_params) if n)) // lay.layers]
+    layers = layer_tensor_bytes(lay=lay, bytes_per_param=2) * lay.layers
     vocab = [2 * n for n in (lay.embed_params, lay.lm_head_params) if n]
     extra = packed_segment_bytes(tensor_bytes=layers) - sum(layers) + packed_segment_bytes(tensor_bytes=vocab)
     _GATHER_POOL_CACHE[id(lay)] = (lay, extra)
@@ -556,7 +555,7 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
             f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed (measured with 0.19.8) "
             f"keeps every frozen layer weight gathered from its recompute to the optimizer step: {fmt_gib(held)} per "
             f"GPU; Trainer's non-reentrant checkpointing or ZeRO-2 avoid it")))
-    gpu, cpu = _fsdp_phases(spec, setup, par, m) if par.engine == "fsdp" else _zero_phases(spec, setup, par, m, ddp_mixed)
+    gpu, cpu = _fsdp_phases(spec, setup, par, m) if par.engine == "fsdp" else _zero_phases(spec, setup, par, m, ddp_mixed, held)
     for parts in gpu.values():
         parts["cublas_workspace"] = t["workspace"]
     phases = {k: sum(v.values()) for k, v in gpu.items()}
