@@ -5,11 +5,9 @@
 # Usage: scripts/device_dist.sh CASES OUT.jsonl [device_sweep.py args]
 set -uo pipefail
 # TRL cases need trl, datasets and what they need (.whl/*.whl, as scripts/device_trainers.sh installs them)
+source scripts/device_wheels.sh
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  for m in pandas fsspec jinja2 markupsafe; do
-    python3 -c "import $m" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/opt/${m}-*.whl
-  done
+  install_trainer_wheels || exit 1
 fi
 # Without .whl/ds (not carried) DeepSpeed stays uninstalled: DDP and FSDP2 cases need none.
 if ls .whl/ds/*.whl >/dev/null 2>&1; then

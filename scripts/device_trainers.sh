@@ -3,10 +3,8 @@
 # they need; .whl/opt/: packages installed only where the image lacks them), then measure a cases
 # file through the real trainers. Usage: scripts/device_trainers.sh CASES OUT.jsonl [device_sweep.py args]
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-for m in pandas fsspec jinja2 psutil markupsafe; do
-  python3 -c "import $m" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/opt/${m}-*.whl
-done
+source scripts/device_wheels.sh
+install_trainer_wheels || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 cases=$1; out=$2; shift 2
 python3 scripts/device_sweep.py "$cases" "$out" "$@"
