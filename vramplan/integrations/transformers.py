@@ -136,7 +136,7 @@ def _changes(req: Setup, s: Setup) -> tuple[str, ...]:
     return tuple(f"{k}: {getattr(req, k)} -> {getattr(s, k)}" for k in CHANGE_FIELDS if getattr(req, k) != getattr(s, k))
 
 
-def device_total_bytes(spec: Any, setup: Setup, par: Parallel | None) -> int:
+def step_device_total_bytes(spec: Any, setup: Setup, par: Parallel | None) -> int:
     """The device total of `setup`: one GPU's, or per GPU under `par`."""
     if par is None:
         return estimate_setup(spec, setup).device_total_bytes
@@ -158,7 +158,7 @@ def cheapest_fit(est: Estimate, spec: Any, capacity: int, par: Parallel | None =
         try:
             s = make_setup(spec, **{k: getattr(cfg, k) for k in Setup.__dataclass_fields__ if k != "lora_targets"},
                            lora_targets=cfg.lora_targets or "all-linear")
-            need = device_total_bytes(spec, s, par)
+            need = step_device_total_bytes(spec, s, par)
         except VramplanError:
             continue
         if need <= capacity:
@@ -184,7 +184,7 @@ def _smaller_batch_fit(spec: Any, req: Setup, capacity: int, par: Parallel) -> s
     while b > 1:
         b //= 2
         s = replace(req, batch_size=b, grad_accum=req.grad_accum * -(-req.batch_size // b), grad_checkpointing=True)
-        need = device_total_bytes(spec, s, par)
+        need = step_device_total_bytes(spec, s, par)
         if need <= capacity:
             return f"{'; '.join(_changes(req, s))} ({fmt_gib(need)} per GPU)"
     return (f"none that vramplan searches fits this card under {parallel_words(par)}; more GPUs, a higher ZeRO "
