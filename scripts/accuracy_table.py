@@ -39,17 +39,24 @@ def main() -> None:
 # allocator histories too, but at the time of writing no term was read off them).
 USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "m1-", "m2-", "d2-", "d3-")
 # t7-* re-runs of setups measured before (to read their allocator histories): in-sample
-HELD_OUT = ("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-", "d4-")  # matrices committed before they ran
+HELD_OUT = ("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-", "d4-", "d7-")  # matrices committed before they ran
 RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 # Held-out runs a term was since written from or checked against: in-sample from then on (their
 # first-measurement errors are in the README). The ZeRO-1/2 step moment (d4-z2-gran2b), FSDP2's
 # tied end of backward and loss-moment pools (d4-fsdp-q3-4b, d4-fsdp-g2-2b), ZeRO-3's reentrant
 # hold (d4-z3-l8b), DDP's rebuilt buckets (d4-ddp-q3-17b), Phi-3's fused qkv output
 # (t12-phi4mini); TRL's kbit_prepare preset came from TRL's source, prompted by the t12 QLoRA runs.
+# From the 4-GPU d7 matrix: FSDP2's all-gather copy-in pool (d7-fsdp-g3-4b, d7-fsdpgo-gran2b),
+# ZeRO-3's vocabulary and expert fetch pool (d7-z3-q3-14b, d7-z3-q3-8b-qlora, d7-z3-qmoe, and the
+# TRL runs d7-z3-l3b-trl-full, d7-z3-g3-12b read for their single block), ZeRO-3's embedding
+# prefetch under reentrant checkpointing (d7-z3-g3-12b).
 USED_HELD_OUT = {"d4-z2-gran2b-hf-full-ckpt-b4s2048", "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048",
                  "d4-fsdp-g2-2b-trl-full-b4s1024", "d4-z3-l8b-trl-lora-b2s2048", "t12-q3-4b-trl-qlora-b4s2048",
                  "t12-g2-9b-trl-qlora-b2s2048", "t12-q25-14b-trl-qlora-b1s8192", "d4-ddp-q3-17b-trl-full-b4s2048",
-                 "t12-phi4mini-hf-lora-b4s2048"}
+                 "t12-phi4mini-hf-lora-b4s2048", "d7-fsdp-g3-4b-trl-lora-b4s2048",
+                 "d7-fsdpgo-gran2b-hf-full-ckpt-b4s2048", "d7-z3-q3-14b-hf-lora-ckpt-b2s2048",
+                 "d7-z3-q3-8b-hf-qlora-ckpt-b2s2048", "d7-z3-qmoe-hf-lora-ckpt-b2s2048",
+                 "d7-z3-l3b-trl-full-b4s2048", "d7-z3-g3-12b-trl-lora-b2s2048"}
 RESERVED_BASELINE = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 
 

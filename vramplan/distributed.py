@@ -294,8 +294,11 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
     backward = {**fixed, "gathered_params": gathered,
                 "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], late_grads + live + hold)}
-    if held and sum(fixed.values()) + held + live > sum(backward.values()):
-        backward = {**fixed, "gathered_params": held, "activations": live}  # the first layer's backward
+    if held:
+        # the first layer's backward, with the embedding prefetched for its own (zero3_embedding_prefetch_bytes)
+        at_first = held + zero3_embedding_prefetch_bytes(spec)
+        if sum(fixed.values()) + at_first + live > sum(backward.values()):
+            backward = {**fixed, "gathered_params": at_first, "activations": live}
     gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"]},
            "backward": backward,
            # ZeRO-1/2 release their reduce buckets when backward ends (stage_1_and_2.py
@@ -348,6 +351,19 @@ def zero3_reentrant_held_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, 
     return frozen_bytes * lay.layer_params_total // max(1, total)
 
 
+def zero3_embedding_prefetch_bytes(spec: ModelSpec) -> int:
+    """The embedding's 16-bit weight, gathered during the first decoder layer's backward under
+    ZeRO-3 with reentrant checkpointing (zero3_reentrant_held_bytes), beside the held layer
+    weights: its output needs a gradient there (PEFT's enable_input_require_grads), so the
+    embedding's backward follows in the recorded module trace, and the prefetcher
+    (partitioned_param_coordinator.py fetch_sub_module) starts the next module's gather whenever
+    its queued numel is under stage3_prefetch_bucket_size -- it checks before adding, so even a
+    vocabulary-sized module goes. Measured: d7-z3-g3-12b-trl-lora-b2s2048 (1.88 GiB embedding)
+    and d6-z3-l8b / d6-z3-q3-4b peak 1.69, 0.50 and 0.48 GiB above the held weights and one
+    layer's backward."""
+    return 2 * layout(spec).embed_params
+
+
 def zero3_gather_pool_extra_bytes(lay: Layout) -> int:
     """What the all-gather stream's pool reserves beyond the frozen layer weights ZeRO-3 holds
     gathered under reentrant checkpointing (zero3_reentrant_held_bytes): each weight is its own
@@ -371,6 +387,53 @@ def zero3_gather_pool_extra_bytes(lay: Layout) -> int:
 # keyed by the layout's identity (as vramplan.layout caches layouts): packing every layer weight
 # costs ~700 steps for a 70B model, more than the rest of a distributed estimate
 _GATHER_POOL_CACHE: dict[int, tuple[Layout, int]] = {}
+
+
+def zero3_vocab_fetches(setup: Setup) -> int:
+    """Vocabulary-sized all-gathers in one ZeRO-3 step that no host synchronisation separates, so
+    that each may need its own block (zero3_vocab_pool_extra_bytes): the embedding and lm_head in
+    forward, lm_head again for its backward, and the embedding in backward where its output needs
+    a gradient (a trainable embedding, or PEFT with checkpointing: the Trainer's
+    enable_input_require_grads). TRL's compute_loss reads its token metrics with `.item()` after
+    the forward (trl/trainer/sft_trainer.py 1.16), and the reference loop synchronises there too,
+    so there at most two are unseparated; the Trainer (transformers 5.17) synchronises only after
+    backward (its logging_nan_inf_filter check)."""
+    if setup.trainer != "hf":
+        return 2
+    embedding_backward = setup.method in ("full", "galore") or setup.grad_checkpointing
+    return 3 + int(embedding_backward)
+
+
+def zero3_vocab_pool_extra_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, gathered: int) -> int:
+    """Reserved on ZeRO-3's all-gather stream beyond what is gathered at the peak (`gathered`).
+    A single-parameter module (the embedding, lm_head) is all-gathered straight into one
+    vocabulary-sized block allocated on that stream (partition_parameters.py _all_gather_params),
+    and free_param releases it with `record_stream(current_stream())`, so the block returns to the
+    pool only once the default stream has run past its use. A fetch issued before then cuts a new
+    block; with no host synchronisation between them, each of the step's vocabulary-sized fetches
+    (zero3_vocab_fetches) can hold one, and the layers' gathers carve the freed ones. Measured
+    (segments per stream at the end): d7-z3-q3-14b-hf-lora-ckpt-b2s2048 and
+    d7-z3-q3-8b-hf-qlora-ckpt-b2s2048 (Trainer, untied heads) end with four vocabulary blocks and
+    nothing else of size there; TRL's runs (d6-z3-q3-4b, d7-z3-l3b-trl-full, d7-z3-g3-12b) one.
+
+    A module of several parameters -- a fused-expert MoE block (transformers 5's 3-D gate_up_proj
+    and down_proj) -- is gathered into one flat buffer and then copied out per parameter
+    (AllGatherCoalescedHandle.wait: torch.cat of each parameter's partitions), both on that
+    stream, and the next layer's copies are cut while this layer's are pending: a flat buffer and
+    two layers' copies, three blocks of the experts' size. Measured: d7-z3-qmoe-hf-lora-ckpt-b2s2048
+    (Qwen1.5-MoE, 990 MiB of experts a layer) ends with a 1058 MiB flat block, 660 + 662 + 662 and
+    330 MiB copies there, and two 594 MiB vocabulary blocks (the others carved from the experts'):
+    this counts both in full, an upper bound (4.9 GiB against 4.5 GiB measured)."""
+    if not (par.engine == "deepspeed" and par.zero == 3 and par.offload == "none"):
+        return 0
+    if setup.method in ("full", "galore"):
+        # not seen where the vocabulary weights train: the full fine-tunes measured under the
+        # Trainer (d2-z3-l3b-full, d4-z3-phi4mini) reserve no more than the estimate without it
+        return 0
+    lay = layout(spec)
+    block = side_stream_pool_bytes(tensor_bytes=[2 * max(lay.embed_params, lay.lm_head_params)])
+    experts = side_stream_pool_bytes(tensor_bytes=[2 * lay.layer_expert_params]) if lay.layer_expert_params else 0
+    return max(0, zero3_vocab_fetches(setup) * block + 3 * experts - gathered)
 
 
 def zero12_step_gradients(*, partition_params: int, fp32_grads: int, transient: int,
@@ -466,7 +529,27 @@ def fsdp_reduce_scatter_pool_bytes(par: Parallel, trainable_params: int, *, grad
     return 4 * trainable_params // shard
 
 
-def fsdp_loss_moment_reserved_bytes(par: Parallel, gpu: Phases, m: _Micro, *, grads_alive: bool) -> int:
+def fsdp_all_gather_pool_bytes(spec: ModelSpec, par: Parallel) -> int:
+    """FSDP2 all-gathers each group into one flat 16-bit output allocated on its all-gather
+    copy-in stream (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py foreach_all_gather:
+    all_gather_copy_in under `device_handle.stream(all_gather_copy_in_stream)`), copies it out
+    into the unsharded parameters on the default stream, and in forward keeps the result in the
+    comm context's AllGatherState until the next group's copy-out (_fsdp_param_group.py
+    wait_for_unshard). So at layer 0's forward all-gather the tail group's output (accelerate's
+    group of embed_tokens, the final norm and lm_head: fsdp_tied_end_bytes) and a decoder layer's
+    are alive together in that stream's pool, and both segments stay cached there for the whole
+    run, of no use to the default stream (allocator.side_stream_pool_bytes). Measured:
+    d7-fsdp-g3-4b-trl-lora-b4s2048 (Gemma-3-4B, tied, 4 ranks) ends with 1282 + 182 + 2 MiB on
+    that stream -- the 1280 MiB embedding and a 180 MiB layer -- and
+    d7-fsdpgo-gran2b-hf-full-ckpt-b4s2048 with 194 + 118 + 50 MiB."""
+    if par.engine != "fsdp" or par.fsdp == "no_shard" or par.world < 2:
+        return 0
+    lay = layout(spec)
+    tail = 2 * (lay.embed_params + lay.lm_head_params + lay.final_norm_params)
+    return side_stream_pool_bytes(tensor_bytes=[tail]) + side_stream_pool_bytes(tensor_bytes=[2 * lay.params_per_layer])
+
+
+def fsdp_loss_moment_reserved_bytes(par: Parallel, gpu: Phases, m: _Micro, *, grads_alive: bool, ag_pool: int) -> int:
     """Reserved at the loss moment of every step after the first, for FSDP2 (no parameter offload)
     whose peak allocated comes later, with the step's gradient shards alive (the end of backward
     or the optimizer step), where fsdp_reduce_scatter_pool_bytes adds nothing: the caching
@@ -475,16 +558,17 @@ def fsdp_loss_moment_reserved_bytes(par: Parallel, gpu: Phases, m: _Micro, *, gr
     pool (fsdp_reduce_scatter_pool_bytes) while the default stream holds the backward phase's
     sharded weights, states, gathered unit, unit gradient and workspaces, and the larger of the
     loss moment's activations and the blocks it keeps cached for them (the single-GPU dynamic
-    pools without the gradient pool: reserved.dynamic_pool_bytes). Measured:
+    pools without the gradient pool: reserved.dynamic_pool_bytes), and the all-gather copy-in
+    stream's pool (`ag_pool`: fsdp_all_gather_pool_bytes). Measured:
     d4-fsdp-q3-4b-hf-full-ckpt-b2s2048 (Qwen3-4B, tied, peak at the end of backward) reaches its
-    41.99 GiB high-water mark in step 2's loss backward, where this gives 40.74 GiB; 0 (the usual
+    41.99 GiB high-water mark in step 2's loss backward, where this gives 41.67 GiB; 0 (the usual
     rule applies) where the peak itself has no gradients."""
     if par.engine != "fsdp" or par.offload == "params" or not grads_alive:
         return 0
     b, t = gpu["backward"], m.t
     default_stream = (b["weights"] + b["optimizer_states"] + b["gathered_params"] + b["unit_gradient"]
                       + b["cublas_workspace"] + max(t["acts_bwd_loss"], t["dynamic_pools"]))
-    return default_stream + fsdp_reduce_scatter_pool_bytes(par, m.psi, grads_alive=False)
+    return default_stream + fsdp_reduce_scatter_pool_bytes(par, m.psi, grads_alive=False) + ag_pool
 
 
 def ddp_rebuilt_bucket_bytes(setup: Setup, par: Parallel, *, buckets: int, layers: int, ckpt_input: int,
@@ -567,17 +651,22 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                                           backward_bytes=phases["backward"], peak_bytes=peak)
     grads_alive = _grads_alive(gpu, peak_phase, m)
     reserved += fsdp_reduce_scatter_pool_bytes(par, m.psi, grads_alive=grads_alive)
+    ag_pool = fsdp_all_gather_pool_bytes(spec, par)
+    reserved += ag_pool
     if peak_phase == "backward" and held:
         # the held weights sit in the all-gather stream's pool (partitioned_param_coordinator.py
         # gathers under __allgather_stream); the default stream keeps the blocks of its own larger
         # backward moments cached beside them (vramplan.allocator_sim: pools are per stream)
         reserved += max(t["acts_bwd_loss"], t["acts_bwd_top"]) - gpu["backward"]["activations"]
-        reserved += zero3_gather_pool_extra_bytes(layout(spec))
+        # the prefetched embedding's block is one of the pool's vocabulary blocks, allocated at this peak
+        reserved += max(0, zero3_gather_pool_extra_bytes(layout(spec)) - zero3_embedding_prefetch_bytes(spec))
+    else:
+        reserved += zero3_vocab_pool_extra_bytes(spec, setup, par, gathered=gpu[peak_phase].get("gathered_params", 0))
     reserved += ddp_rebuilt_bucket_bytes(setup, par, buckets=gpu["optimizer_step"].get("comm_buckets", 0),
                                          layers=layout(spec).layers,
                                          ckpt_input=checkpoint_bytes(spec.arch, setup, stream_dtypes(setup)),
                                          grad_tensors=_grad_tensor_bytes(spec, setup, t) if par.engine == "ddp" else [])
-    reserved = max(reserved, fsdp_loss_moment_reserved_bytes(par, gpu, m, grads_alive=grads_alive))
+    reserved = max(reserved, fsdp_loss_moment_reserved_bytes(par, gpu, m, grads_alive=grads_alive, ag_pool=ag_pool))
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())
