@@ -253,8 +253,6 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     and bf16 partition = 2 bytes x params / N). `held`: zero3_reentrant_held_bytes."""
     t, n, psi = m.t, par.world, m.psi
     stage = par.zero
-    if par.engine == "deepspeed" and stage == 3:
-        t = zero3_linear_terms(spec, setup, t)
     master = (4 + 4 * m.states) if par.engine == "deepspeed" else 2 * m.states
     ms = zero_model_states(trainable_params=psi, frozen_bytes=m.frozen, world=n, stage=stage, offload=par.offload,
                            optimizer_state_bytes=master)
@@ -630,6 +628,8 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     compute = replace(setup, precision="pure") if setup.precision == "mixed" and not ddp_mixed else setup
     single = replace(estimate_setup(spec, compute), setup=setup)
     t = single.terms
+    if par.engine == "deepspeed" and par.zero == 3:
+        t = zero3_linear_terms(spec, setup, t)  # every phase and the reserved moments below see these
     spec_opt = OPTIMIZERS[setup.optimizer]
     m = _Micro(psi=single.params_trainable, frozen=t["weights"] if setup.method not in ("full", "galore") else 0,
                t=t, states=spec_opt.states, foreach=spec_opt.foreach)
