@@ -25,7 +25,7 @@ from vramplan.readers.common import DTYPE_NAMES, Reading, TrainConfig, engine_te
 from vramplan.readers.engines import ENGINE_KEYS, fsdp_from_config, read_engine
 from vramplan.readers.hf import read_length, read_training_args
 from vramplan.readers.trl import TRL_MAX_LENGTH
-from vramplan.setup import make_setup
+from vramplan.setup import Setup, make_setup
 
 if TYPE_CHECKING:
     from vramplan.distributed import DistributedEstimate, Parallel
@@ -162,13 +162,28 @@ def trainer_config(model_config: Any, training_args: Any, peft_config: Any = Non
     The engine the arguments run is read into `parallel` (see `trainer_parallel`); `environ`
     (default os.environ) is where `accelerate launch` leaves an FSDP config."""
     cfg = as_dict(model_config, "model_config")
+    return _trainer_config(cfg, model_spec(cfg), training_args, peft_config, environ=environ, **overrides)
+
+
+def trainer_setup(model_config: Any, training_args: Any, peft_config: Any = None, *,
+                  environ: Mapping[str, str] | None = None, **overrides: Any) -> tuple[TrainConfig, ModelSpec, Setup]:
+    """What a live run is, in vramplan's terms: the options read (trainer_config), the model's
+    spec and the validated Setup they make; the one path of estimate_from_trainer,
+    estimate_parallel_from_trainer and the Trainer callback's prediction."""
+    cfg = as_dict(model_config, "model_config")
+    spec = model_spec(cfg)
+    tc = _trainer_config(cfg, spec, training_args, peft_config, environ=environ, **overrides)
+    return tc, spec, make_setup(spec, **tc.options)
+
+
+def _trainer_config(cfg: dict[str, Any], spec: ModelSpec, training_args: Any, peft_config: Any, *,
+                    environ: Mapping[str, str] | None, **overrides: Any) -> TrainConfig:
     args = as_dict(training_args, "training_args")
     ds = live_deepspeed_config(training_args)
     if ds is not None:
         args["deepspeed"] = dict(ds)
     trl = is_trl_args(training_args, args)
     r = Reading(args, type(training_args).__name__ if not isinstance(training_args, Mapping) else "training_args")
-    spec = model_spec(cfg)
     weights = overrides.pop("loaded_dtype", None) or config_dtype(cfg)
     # A live args object is already resolved (SFTConfig's checkpointing default True included);
     # for a dict, each tool's default applies.
@@ -270,10 +285,8 @@ def estimate_from_trainer(model_config: Any, training_args: Any, peft_config: An
     describe on one GPU; `overrides` are vramplan options that win over what was read. Where the
     arguments run several GPUs or an engine, a note says so: the per-GPU figures are
     estimate_parallel_from_trainer's."""
-    cfg = as_dict(model_config, "model_config")
-    tc = trainer_config(cfg, training_args, peft_config, **overrides)
-    spec = model_spec(cfg)
-    est = estimate_setup(spec, make_setup(spec, **tc.options))
+    tc, spec, setup = trainer_setup(model_config, training_args, peft_config, **overrides)
+    est = estimate_setup(spec, setup)
     par = trainer_parallel(tc, training_args)
     if par is None:
         return est
@@ -288,11 +301,9 @@ def estimate_parallel_from_trainer(model_config: Any, training_args: Any, peft_c
     for estimate_from_trainer; `environ` (default os.environ) is torchrun's and accelerate's."""
     from vramplan.distributed import estimate_distributed, make_parallel
 
-    cfg = as_dict(model_config, "model_config")
-    tc = trainer_config(cfg, training_args, peft_config, environ=environ, **overrides)
-    spec = model_spec(cfg)
+    tc, spec, setup = trainer_setup(model_config, training_args, peft_config, environ=environ, **overrides)
     par = trainer_parallel(tc, training_args, environ) or make_parallel()
-    return estimate_distributed(spec, make_setup(spec, **tc.options), par)
+    return estimate_distributed(spec, setup, par)
 
 
 def record_setup_fields(par: Parallel) -> dict[str, Any]:

@@ -42,13 +42,12 @@ from vramplan.estimator import Estimate, estimate_setup
 from vramplan.setup import Setup, make_setup, profiler_setup
 from vramplan.trainer_bridge import (
     as_dict,
-    model_spec,
     parallel_words,
     record_launch_fields,
     record_setup_fields,
-    trainer_config,
     trainer_parallel,
     trainer_rank,
+    trainer_setup,
 )
 from vramplan.units import fmt_gib
 
@@ -248,16 +247,14 @@ class MemoryPreflight(TrainerCallback):
     def predict(self, model: Any, args: Any) -> Estimate:
         """The estimate of `model` trained with `args` (the peft config is the model's own), on
         one GPU; under several GPUs or an engine, `parallel` and the per-GPU `distributed` too."""
-        cfg = as_dict(model.config, "model.config")
-        self.spec = model_spec(cfg)
         opts = {**live_overrides(model), **self.options}
-        tc = trainer_config(cfg, args, active_peft_config(model), **opts)
+        tc, self.spec, setup = trainer_setup(as_dict(model.config, "model.config"), args, active_peft_config(model), **opts)
         if "(sequence length)" in tc.ignored:
             logger.warning("vramplan: %s; pass MemoryPreflight(seq_len=...)", tc.ignored["(sequence length)"])
         self.read = {"source": tc.source, "read": tc.read, "ignored": tc.ignored}
         self.parallel = trainer_parallel(tc, args)
         self.rank = trainer_rank(args)
-        est = estimate_setup(self.spec, make_setup(self.spec, **tc.options))
+        est = estimate_setup(self.spec, setup)
         self.distributed = None
         if self.parallel is not None:
             self.read["parallel"] = self.parallel.to_dict()
