@@ -175,3 +175,16 @@ def test_callback_records_from_the_card_re_estimate_within_their_band():
         assert r["setup"]["trainer"] == "hf" and r["train_config"]["source"] == "hf"
         err = record_estimate(r).peak_allocated_bytes / r["peak_allocated"] - 1
         assert abs(err) <= CALLBACK_TOLERANCE[r["setup"]["name"]], (r["setup"]["name"], err)
+
+
+def test_selfcheck_launches_multi_gpu_cases_under_torchrun_and_single_ones_alone():
+    from vramplan.integrations.selfcheck import CASES, DIST_CASES, case_command, main
+
+    out = Path("/tmp/sc.jsonl")
+    dist = case_command("trainer-zero3-lora-ckpt-1b-b4s1024", out, 4)
+    assert dist[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert dist[-2:] == ["trainer-zero3-lora-ckpt-1b-b4s1024", str(out)]
+    one = case_command("trainer-lora-1b-b4s1024", out, 4)
+    assert "torch.distributed.run" not in one and one[-2:] == ["trainer-lora-1b-b4s1024", str(out)]
+    assert not set(CASES) & set(DIST_CASES)
+    assert main([str(out), "trainer-nope"]) == 2  # an unknown case is refused before anything runs
