@@ -194,7 +194,7 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"torch": torch.__version__, "python": platform.python_version()}
-    for pkg in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
+    for pkg in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel", "deepspeed"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     if torch.cuda.is_available():
