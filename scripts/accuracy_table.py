@@ -49,14 +49,16 @@ RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 # From the 4-GPU d7 matrix: FSDP2's all-gather copy-in pool (d7-fsdp-g3-4b, d7-fsdpgo-gran2b),
 # ZeRO-3's vocabulary and expert fetch pool (d7-z3-q3-14b, d7-z3-q3-8b-qlora, d7-z3-qmoe, and the
 # TRL runs d7-z3-l3b-trl-full, d7-z3-g3-12b read for their single block), ZeRO-3's embedding
-# prefetch under reentrant checkpointing (d7-z3-g3-12b).
+# prefetch under reentrant checkpointing (d7-z3-g3-12b). A 4-bit base kept whole under ZeRO-3 and
+# DeepSpeed's bf16 cast of the kbit-prepared rest (d7-z3-q3-8b-qlora, d8-z3-olmo2-7b-qlora).
 USED_HELD_OUT = {"d4-z2-gran2b-hf-full-ckpt-b4s2048", "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048",
                  "d4-fsdp-g2-2b-trl-full-b4s1024", "d4-z3-l8b-trl-lora-b2s2048", "t12-q3-4b-trl-qlora-b4s2048",
                  "t12-g2-9b-trl-qlora-b2s2048", "t12-q25-14b-trl-qlora-b1s8192", "d4-ddp-q3-17b-trl-full-b4s2048",
                  "t12-phi4mini-hf-lora-b4s2048", "d7-fsdp-g3-4b-trl-lora-b4s2048",
                  "d7-fsdpgo-gran2b-hf-full-ckpt-b4s2048", "d7-z3-q3-14b-hf-lora-ckpt-b2s2048",
                  "d7-z3-q3-8b-hf-qlora-ckpt-b2s2048", "d7-z3-qmoe-hf-lora-ckpt-b2s2048",
-                 "d7-z3-l3b-trl-full-b4s2048", "d7-z3-g3-12b-trl-lora-b2s2048"}
+                 "d7-z3-l3b-trl-full-b4s2048", "d7-z3-g3-12b-trl-lora-b2s2048",
+                 "d8-z3-olmo2-7b-hf-qlora-ckpt-b2s2048"}
 RESERVED_BASELINE = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 
 

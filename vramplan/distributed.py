@@ -43,6 +43,7 @@ from vramplan.reserved import freed_vocab_block
 from vramplan.setup import Setup
 from vramplan.streams import micro_batch_tokens, stream_dtypes
 from vramplan.units import fmt_gib
+from vramplan.weights import base_weight_bytes
 
 FSDP_MODES = ("full_shard", "shard_grad_op", "no_shard")
 OFFLOADS = ("none", "optimizer", "params")
@@ -149,6 +150,28 @@ def zero_model_states(*, trainable_params: int, frozen_bytes: int, world: int, s
     return out
 
 
+def unsharded_quantised_bytes(spec: ModelSpec, setup: Setup, par: Parallel) -> int:
+    """A 4-bit base's quantised Linear weights (bitsandbytes Params4bit, uint8 storage, with their
+    quantisation states), which every GPU holds whole under engines that shard the rest:
+    - FSDP2: accelerate's fsdp2_prepare_model (1.15, utils/fsdp_utils.py) passes every frozen,
+      non-floating Params4bit to fully_shard as `ignored_params` ("Default uint8 quant_storage
+      cannot survive fully_shard's DTensor conversion"; bnb_4bit_quant_storage=bf16 would shard
+      them: not modelled, so such a run is over-estimated);
+    - ZeRO-3: transformers builds a quantised model outside deepspeed.zero.Init
+      (modeling_utils.py: `is_deepspeed_zero3_enabled() and not is_quantized`), and the 4-bit
+      weights stay whole: d7-z3-q3-8b-hf-qlora-ckpt-b2s2048 and d8-z3-olmo2-7b-hf-qlora-ckpt-b2s2048
+      start each step at 4.10 and 3.68 GiB per GPU, the whole 4-bit weights (3.29, 3.06 GiB) plus a
+      quarter of the bf16 rest and the adapters' states give 4.14 and 3.70 (sharding them all: 2.28
+      and 1.82).
+    DDP and ZeRO-1/2 replicate the whole base anyway (0 here)."""
+    if not setup.quantised or setup.dtype not in ("nf4", "fp4"):
+        return 0
+    if not ((par.engine == "deepspeed" and par.zero == 3) or (par.engine == "fsdp" and par.fsdp != "no_shard")):
+        return 0
+    return base_weight_bytes(lay=layout(spec), dtype=setup.dtype, dense_bytes_per_param=2,
+                             double_quant=setup.double_quant, quantised=True).quantised_bytes
+
+
 def _unit_bytes(spec: ModelSpec, tied_trainable: bool) -> int:
     """Largest all-gathered unit in 16-bit: a decoder layer, or the (tied) embedding."""
     return 2 * max(layout(spec).params_per_layer, spec.arch.vocab * spec.arch.hidden)
@@ -159,10 +182,11 @@ class _Micro:
     """What the sharded phases take from the single-GPU micro-batch estimate."""
 
     psi: int  # trainable parameters
-    frozen: int  # bytes of the frozen base, as stored
+    frozen: int  # bytes of the frozen base, as stored, that the engine shards (or replicates: DDP, ZeRO-1/2)
     t: dict[str, int]  # the single estimate's terms
     states: int  # optimizer states per trainable parameter
     foreach: bool  # the optimizer step keeps a whole-group transient
+    unsharded: int = 0  # frozen bytes every GPU holds whole though the engine shards (unsharded_quantised_bytes)
 
 
 Phases = dict[str, dict[str, int]]
@@ -182,7 +206,7 @@ def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tup
     bytes). A tied one is held past the embedding's backward (fsdp_tied_end_bytes)."""
     t, n, psi = m.t, par.world, m.psi
     shard = n if par.fsdp != "no_shard" else 1
-    w = (4 * psi + m.frozen) // shard
+    w = (4 * psi + m.frozen) // shard + m.unsharded
     opt = 4 * m.states * psi // shard
     grads = 4 * psi // shard
     tr = 4 * psi // shard if m.foreach else 0
@@ -256,7 +280,7 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     master = (4 + 4 * m.states) if par.engine == "deepspeed" else 2 * m.states
     ms = zero_model_states(trainable_params=psi, frozen_bytes=m.frozen, world=n, stage=stage, offload=par.offload,
                            optimizer_state_bytes=master)
-    w, opt, g16 = ms["weights"], ms["optimizer_states"], ms["gradients"]
+    w, opt, g16 = ms["weights"] + m.unsharded, ms["optimizer_states"], ms["gradients"]
     part = n if stage >= 1 else 1
     fp32_grads = 4 * psi // part if par.engine == "deepspeed" else 0
     tr = (4 if par.engine == "deepspeed" else 2) * psi // part if m.foreach else 0
@@ -626,13 +650,19 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     # Plain DDP wraps the single-GPU loop: a mixed setup keeps its fp32 states and autocast.
     ddp_mixed = par.engine == "ddp" and setup.precision == "mixed"
     compute = replace(setup, precision="pure") if setup.precision == "mixed" and not ddp_mixed else setup
+    if par.engine == "deepspeed" and setup.quantised and setup.kbit_prepare:
+        # DeepSpeed casts every floating parameter to bf16 when its engine starts (runtime/engine.py
+        # _cast_module_mixed_precision), undoing prepare_model_for_kbit_training's fp32 upcast
+        compute = replace(compute, kbit_prepare=False)
     single = replace(estimate_setup(spec, compute), setup=setup)
     t = single.terms
     if par.engine == "deepspeed" and par.zero == 3:
         t = zero3_linear_terms(spec, setup, t)  # every phase and the reserved moments below see these
     spec_opt = OPTIMIZERS[setup.optimizer]
-    m = _Micro(psi=single.params_trainable, frozen=t["weights"] if setup.method not in ("full", "galore") else 0,
-               t=t, states=spec_opt.states, foreach=spec_opt.foreach)
+    frozen = t["weights"] if setup.method not in ("full", "galore") else 0
+    whole = unsharded_quantised_bytes(spec, setup, par)
+    m = _Micro(psi=single.params_trainable, frozen=frozen - whole, t=t, states=spec_opt.states,
+               foreach=spec_opt.foreach, unsharded=whole)
     held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
     if held:
         single = replace(single, notes=(*single.notes, (
