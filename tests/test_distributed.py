@@ -389,3 +389,6 @@ def test_a_4bit_base_stays_whole_on_every_gpu_under_zero3_and_fsdp2_and_deepspee
     # states, buffers); sharding the 4-bit weights too said 2.28
     fixed = sum(v for k, v in d.gpu_parts.items() if k not in ("gathered_params", "activations"))
     assert fixed == pytest.approx(4.10 * 2**30, rel=0.04)
+    # and the estimate says so, naming what would shard them under FSDP2
+    assert any("stay whole on every GPU" in n for n in d.single.notes)
+    assert any("bnb_4bit_quant_storage" in n for n in estimate_distributed(spec, s, fsdp).single.notes)

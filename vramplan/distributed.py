@@ -664,6 +664,12 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     m = _Micro(psi=single.params_trainable, frozen=frozen - whole, t=t, states=spec_opt.states,
                foreach=spec_opt.foreach, unsharded=whole)
     held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
+    if whole:
+        why = ("accelerate's FSDP2 leaves uint8 Params4bit unsharded (bnb_4bit_quant_storage=bf16 would shard them; "
+               "not modelled, so this figure is then high)" if par.engine == "fsdp" else
+               "transformers builds a quantised model outside deepspeed.zero.Init and DeepSpeed keeps the 4-bit weights "
+               "whole (measured with 0.19.8)")
+        single = replace(single, notes=(*single.notes, f"the 4-bit weights ({fmt_gib(whole)}) stay whole on every GPU: {why}"))
     if held:
         single = replace(single, notes=(*single.notes, (
             f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed (measured with 0.19.8) "
