@@ -382,6 +382,13 @@ def test_a_4bit_base_stays_whole_on_every_gpu_under_zero3_and_fsdp2_and_deepspee
     assert unsharded_quantised_bytes(spec, s, make_parallel(gpus=4)) == 0
     lora = make_setup(spec, trainer="hf", method="lora", optimizer="adamw-fused", batch_size=2, seq_len=2048)
     assert unsharded_quantised_bytes(spec, lora, z3) == 0
+    # a floating storage dtype (bnb_4bit_quant_storage=bf16, axolotl's and LLaMA-Factory's) is sharded
+    bf16 = make_setup(spec, trainer="hf", method="qlora", optimizer="adamw-fused", batch_size=2, seq_len=2048,
+                      grad_checkpointing=True, hold_outputs=False, quant_storage="bf16")
+    assert unsharded_quantised_bytes(spec, bf16, z3) == unsharded_quantised_bytes(spec, bf16, fsdp) == 0
+    sharded = estimate_distributed(spec, bf16, fsdp).gpu_parts["weights"]
+    whole = estimate_distributed(spec, s, fsdp).gpu_parts["weights"]
+    assert whole - sharded == pytest.approx(q4.quantised_bytes * 3 / 4, rel=0.01)
     d = estimate_distributed(spec, s, z3)
     # the 4-bit weights whole, a quarter of the rest in bf16 (DeepSpeed casts the kbit-prepared fp32 back)
     assert d.gpu_parts["weights"] == pytest.approx(q4.quantised_bytes + q4.dense_params * 2 / 4, rel=0.01)

@@ -127,6 +127,11 @@ def test_estimate_from_trainer_reads_a_4bit_quantization_config():
                                        seq_len=64)
     s = e.setup
     assert (s.method, s.dtype, s.double_quant, s.lora_targets) == ("qlora", "nf4", True, ("q_proj", "v_proj"))
+    assert s.quant_storage == "uint8"  # BitsAndBytesConfig's default
+    cfg["quantization_config"]["bnb_4bit_quant_storage"] = "bfloat16"  # as the FSDP-QLoRA recipe loads
+    bf16 = vramplan.estimate_from_trainer(cfg, {"per_device_train_batch_size": 1}, {"peft_type": "LORA", "r": 16},
+                                          seq_len=64)
+    assert bf16.setup.quant_storage == "bf16" and bf16.peak_allocated_bytes == e.peak_allocated_bytes  # same bytes
 
 
 def test_estimate_from_trainer_trl_sft_config_dict_takes_trl_defaults():

@@ -262,3 +262,18 @@ def test_cli_malformed_train_config_is_one_line_exit_2():
     r = cli("estimate", "--train-config", str(DATA / "malformed.yaml"))
     assert r.exit_code == 2
     assert "malformed.yaml: not valid YAML (line 3" in r.output and "Traceback" not in r.output
+
+
+def test_4bit_storage_dtype_is_read_where_each_tool_sets_it():
+    # TRL: bnb_4bit_quant_storage unset -> BitsAndBytesConfig's uint8
+    assert read("trl_qlora.yaml").options["quant_storage"] == "uint8"
+    # axolotl passes bf16 for every QLoRA load (loaders/model.py); LLaMA-Factory its compute dtype
+    assert read("axolotl_qlora.yaml").options["quant_storage"] == "bf16"
+    assert read("llamafactory_lora.yaml").options["quant_storage"] == "bf16"
+    # a TRL config that names one, and one vramplan does not know
+    base = {"model_name_or_path": "Qwen/Qwen2.5-1.5B", "use_peft": True, "load_in_4bit": True, "max_length": 1024}
+    assert read_mapping({**base, "bnb_4bit_quant_storage": "bfloat16"}, "trl").options["quant_storage"] == "bf16"
+    with pytest.raises(VramplanError, match=r"bnb_4bit_quant_storage.*'int4'.*allowed: uint8, bfloat16"):
+        read_mapping({**base, "bnb_4bit_quant_storage": "int4"}, "trl")
+    # not 4-bit: nothing to store
+    assert "quant_storage" not in read("trl_sft_lora.yaml").options

@@ -151,20 +151,21 @@ def zero_model_states(*, trainable_params: int, frozen_bytes: int, world: int, s
 
 
 def unsharded_quantised_bytes(spec: ModelSpec, setup: Setup, par: Parallel) -> int:
-    """A 4-bit base's quantised Linear weights (bitsandbytes Params4bit, uint8 storage, with their
-    quantisation states), which every GPU holds whole under engines that shard the rest:
+    """A 4-bit base's quantised Linear weights (bitsandbytes Params4bit with their quantisation
+    states) in uint8 storage, which every GPU holds whole under engines that shard the rest:
     - FSDP2: accelerate's fsdp2_prepare_model (1.15, utils/fsdp_utils.py) passes every frozen,
       non-floating Params4bit to fully_shard as `ignored_params` ("Default uint8 quant_storage
-      cannot survive fully_shard's DTensor conversion"; bnb_4bit_quant_storage=bf16 would shard
-      them: not modelled, so such a run is over-estimated);
+      cannot survive fully_shard's DTensor conversion"); a floating `quant_storage` (bf16, as
+      axolotl and LlamaFactory load) is sharded like any weight;
     - ZeRO-3: transformers builds a quantised model outside deepspeed.zero.Init
       (modeling_utils.py: `is_deepspeed_zero3_enabled() and not is_quantized`), and the 4-bit
       weights stay whole: d7-z3-q3-8b-hf-qlora-ckpt-b2s2048 and d8-z3-olmo2-7b-hf-qlora-ckpt-b2s2048
       start each step at 4.10 and 3.68 GiB per GPU, the whole 4-bit weights (3.29, 3.06 GiB) plus a
       quarter of the bf16 rest and the adapters' states give 4.14 and 3.70 (sharding them all: 2.28
-      and 1.82).
+      and 1.82). A floating storage is taken as sharded there too (peft's ZeRO-3 QLoRA recipe sets
+      bnb_4bit_quant_storage for that; not measured).
     DDP and ZeRO-1/2 replicate the whole base anyway (0 here)."""
-    if not setup.quantised or setup.dtype not in ("nf4", "fp4"):
+    if not setup.quantised or setup.dtype not in ("nf4", "fp4") or setup.quant_storage != "uint8":
         return 0
     if not ((par.engine == "deepspeed" and par.zero == 3) or (par.engine == "fsdp" and par.fsdp != "no_shard")):
         return 0
@@ -665,8 +666,8 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                foreach=spec_opt.foreach, unsharded=whole)
     held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
     if whole:
-        why = ("accelerate's FSDP2 leaves uint8 Params4bit unsharded (bnb_4bit_quant_storage=bf16 would shard them; "
-               "not modelled, so this figure is then high)" if par.engine == "fsdp" else
+        why = ("accelerate's FSDP2 leaves uint8 Params4bit unsharded (--quant-storage bf16, bnb_4bit_quant_storage, "
+               "shards them)" if par.engine == "fsdp" else
                "transformers builds a quantised model outside deepspeed.zero.Init and DeepSpeed keeps the 4-bit weights "
                "whole (measured with 0.19.8)")
         single = replace(single, notes=(*single.notes, f"the 4-bit weights ({fmt_gib(whole)}) stay whole on every GPU: {why}"))

@@ -137,6 +137,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("prefix_tokens", int, 20, "virtual tokens (prefix / prompt tuning)", minimum=1),
     Option("prefix_projection", bool, False, "prefix tuning with a reparametrising MLP"),
     Option("double_quant", bool, True, "4-bit double quantisation"),
+    # bitsandbytes packs two 4-bit values a byte whatever the storage dtype (the same bytes), but
+    # only a floating one lets FSDP2 and ZeRO-3 shard the weights (vramplan.distributed
+    # unsharded_quantised_bytes); BitsAndBytesConfig's default is uint8, axolotl and LlamaFactory
+    # pass the compute dtype (bf16) for every 4-bit load
+    Option("quant_storage", str, "uint8", "storage dtype of 4-bit weights (bnb_4bit_quant_storage); a float one "
+           "lets FSDP2/ZeRO-3 shard them", choices=("uint8", "bf16", "fp16", "fp32")),
     # TRL 1.16's SFTTrainer builds the PEFT model with get_peft_model alone (trl/trainer/sft_trainer.py);
     # only the experimental ORPO/CPO trainers call prepare_model_for_kbit_training, so a TRL QLoRA
     # run keeps its non-quantised weights in the loaded 16-bit dtype (t12-*-trl-qlora: +41-57% with

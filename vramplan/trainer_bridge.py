@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from vramplan.arch import FAMILIES, ModelSpec, arch_from_hf_config, build_spec
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
-from vramplan.readers.common import DTYPE_NAMES, Reading, TrainConfig, engine_text, lora_targets, map_attn
+from vramplan.readers.common import DTYPE_NAMES, Reading, TrainConfig, engine_text, lora_targets, map_attn, quant_storage
 from vramplan.readers.engines import ENGINE_KEYS, fsdp_from_config, read_engine
 from vramplan.readers.hf import read_length, read_training_args
 from vramplan.readers.trl import TRL_MAX_LENGTH
@@ -81,9 +81,11 @@ def _quantisation(r: Reading, cfg: Mapping[str, Any]) -> str | None:
         raise VramplanError(f"model_config: key 'quantization_config': {q.get('quant_method')!r} is not modelled; "
                             "allowed: bitsandbytes 4/8-bit")
     r.read["quantization_config"] = {k: q.get(k) for k in ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
-                                                            "bnb_4bit_use_double_quant")}
+                                                            "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage")}
     if q.get("load_in_4bit"):
-        r.set(double_quant=bool(q.get("bnb_4bit_use_double_quant", False)))
+        r.set(double_quant=bool(q.get("bnb_4bit_use_double_quant", False)),
+              quant_storage=quant_storage(Reading(q, "quantization_config"), "bnb_4bit_quant_storage",
+                                          q.get("bnb_4bit_quant_storage")))
         return str(q.get("bnb_4bit_quant_type") or "fp4")  # BitsAndBytesConfig default quant type is fp4
     return "int8" if q.get("load_in_8bit") else None
 

@@ -68,8 +68,10 @@ def _bnb_config(setup: dict[str, Any]) -> Any:
 
     if setup["dtype"] == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    storage = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=setup["dtype"],
-                              bnb_4bit_use_double_quant=setup["double_quant"], bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_use_double_quant=setup["double_quant"], bnb_4bit_compute_dtype=torch.bfloat16,
+                              bnb_4bit_quant_storage=storage[setup.get("quant_storage", "uint8")])
 
 
 def build_device(place: str, gpu: Any) -> Any:

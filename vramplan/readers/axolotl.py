@@ -6,7 +6,7 @@ src/axolotl/loaders/adapter.py (LoRA targets); src/axolotl/integrations/liger/ar
 
 from __future__ import annotations
 
-from vramplan.readers.common import ATTN_IMPLS, Reading, lora_targets, map_optimizer
+from vramplan.readers.common import ATTN_IMPLS, Reading, lora_targets, map_optimizer, quant_storage
 from vramplan.readers.engines import read_engine
 
 # Schema defaults (schemas/config.py, training.py, peft.py).
@@ -72,7 +72,11 @@ def _adapter(r: Reading, model: str) -> None:
         # bnb_4bit_use_double_quant True, quant type nf4 (loaders/model.py qlora branch);
         # bnb_config_kwargs overrides them.
         kw = r.data.get("bnb_config_kwargs") or {}
-        r.set(dtype=kw.get("bnb_4bit_quant_type", "nf4"), double_quant=bool(kw.get("bnb_4bit_use_double_quant", True)))
+        # ... and bnb_4bit_quant_storage bf16 (fp32 for jamba and qwen2_moe off DeepSpeed/FSDP,
+        # where nothing shards the weights, so the same memory)
+        r.set(dtype=kw.get("bnb_4bit_quant_type", "nf4"), double_quant=bool(kw.get("bnb_4bit_use_double_quant", True)),
+              quant_storage=quant_storage(r, "bnb_config_kwargs.bnb_4bit_quant_storage",
+                                          kw.get("bnb_4bit_quant_storage", "bfloat16")))
     elif q8:
         r.set(dtype="int8")
     if four_bit or q8:

@@ -284,6 +284,16 @@ DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "f
                "torch.float32": "fp32"}
 
 
+def quant_storage(r: Reading, key: str, value: Any) -> str:
+    """vramplan's quant_storage for a bnb_4bit_quant_storage value (None: BitsAndBytesConfig's
+    uint8); any other name is a one-line error naming what is allowed."""
+    if value is None or str(value) in ("uint8", "torch.uint8"):
+        return "uint8"
+    if str(value) not in DTYPE_NAMES:
+        raise r.fail(key, f"unknown 4-bit storage dtype {value!r}; allowed: uint8, bfloat16, float16, float32")
+    return DTYPE_NAMES[str(value)]
+
+
 def weights_dtype(r: Reading, key: str, default: str) -> str:
     """The load dtype under `key` ("auto" -> `default`, the config's dtype, bf16 for current models)."""
     name = r.text(key)

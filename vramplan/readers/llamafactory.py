@@ -81,6 +81,9 @@ def read_llamafactory(r: Reading) -> str:
     ftype = r.text("finetuning_type", "lora")  # finetuning_args.py default "lora"
     assert ftype is not None
     _method(r, ftype)
+    if r.options.get("dtype") in ("nf4", "fp4"):
+        # model_utils/quantization.py: bnb_4bit_quant_storage=model_args.compute_dtype ("crucial for fsdp+qlora")
+        r.set(quant_storage=weights)
     if r.options["method"] in ("full", "galore") and not r.bool("pure_bf16") and weights != "fp32":
         # adapter.py casts trainable parameters to fp32 unless pure_bf16: fp32 master weights
         # under bf16/fp16 autocast, vramplan's "mixed".

@@ -6,7 +6,7 @@ trl/trainer/model_config.py, trl/trainer/utils.py (get_peft_config, get_quantiza
 
 from __future__ import annotations
 
-from vramplan.readers.common import Reading, lora_targets, map_attn, weights_dtype
+from vramplan.readers.common import Reading, lora_targets, map_attn, quant_storage, weights_dtype
 from vramplan.readers.engines import read_engine
 from vramplan.readers.hf import read_training_args
 
@@ -46,7 +46,8 @@ def read_model_config(r: Reading, model: str, *, weights: str, trl: bool = True)
               kbit_prepare=weights == "fp32")
     r.ignore("lora_modules_to_save", "fully trained copies of these modules are not modelled")
     r.ignore("lora_target_parameters", "LoRA on raw parameters (MoE experts) is not modelled")
-    r.ignore("bnb_4bit_quant_storage", "4-bit storage dtype other than uint8 is not modelled")
+    if q4:
+        r.set(quant_storage=quant_storage(r, "bnb_4bit_quant_storage", r.raw("bnb_4bit_quant_storage")))
 
 
 def read_trl(r: Reading) -> str:
