@@ -23,7 +23,7 @@ single-GPU model; only trainable parameters carry gradients and optimizer states
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from vramplan.activations import checkpoint_bytes, layer_saved_by_group
 from vramplan.allocator import (
@@ -129,6 +129,24 @@ class DistributedEstimate:
                             "peak_phase": self.peak_phase, "phases": dict(self.gpu_phases), "breakdown": dict(self.gpu_parts),
                             "outside_allocator": dict(self.per_gpu_outside_allocator)},
                 "cpu": {"bytes_per_node": self.cpu_bytes_per_node, "breakdown": dict(self.cpu_parts)}}
+
+
+class Totals(NamedTuple):
+    """A setup's estimated totals, per GPU under an engine."""
+
+    peak_allocated: int
+    peak_phase: str
+    peak_reserved: int
+    device_total: int
+
+
+def per_gpu_totals(spec: ModelSpec, setup: Setup, par: Parallel | None) -> Totals:
+    """`setup`'s totals on one GPU (`par` None: the single-GPU estimate), or per GPU under `par`."""
+    if par is None:
+        e = estimate_setup(spec, setup)
+        return Totals(e.peak_allocated_bytes, e.peak_phase, e.peak_reserved_bytes, e.device_total_bytes)
+    d = estimate_distributed(spec, setup, par)
+    return Totals(d.per_gpu_peak_allocated_bytes, d.peak_phase, d.per_gpu_reserved_bytes, d.per_gpu_device_total_bytes)
 
 
 def zero_model_states(*, trainable_params: int, frozen_bytes: int, world: int, stage: int, offload: str,

@@ -6,7 +6,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from vramplan.arch import arch_from_hf_config, build_spec
 from vramplan.datafiles import data_dir
@@ -15,7 +15,7 @@ from vramplan.profiler.reference import reference_options
 from vramplan.setup import Setup, make_setup
 
 if TYPE_CHECKING:
-    from vramplan.distributed import DistributedEstimate
+    from vramplan.distributed import DistributedEstimate, Parallel, Totals
 
 SETUP_KEYS = tuple(Setup.__dataclass_fields__)
 
@@ -83,33 +83,29 @@ def record_estimate(rec: dict[str, Any]) -> Estimate:
     return estimate_setup(spec, setup)
 
 
+def record_parallel(rec: dict[str, Any]) -> Parallel:
+    """The engine and world size a sharded, offloaded or multi-GPU record ran."""
+    from vramplan.distributed import make_parallel
+
+    s = rec["setup"]
+    return make_parallel(gpus=int(rec.get("world_size", 1)), zero=s.get("zero") or 0, fsdp=s.get("fsdp"),
+                         offload=s.get("offload", "none"))
+
+
 def record_distributed(rec: dict[str, Any]) -> DistributedEstimate:
     """Re-estimate a sharded, offloaded or multi-GPU record per GPU, with the engine it ran."""
-    from vramplan.distributed import estimate_distributed, make_parallel
+    from vramplan.distributed import estimate_distributed
 
     spec, setup = _spec_setup(rec)
-    s = rec["setup"]
-    par = make_parallel(gpus=int(rec.get("world_size", 1)), zero=s.get("zero") or 0, fsdp=s.get("fsdp"),
-                        offload=s.get("offload", "none"))
-    return estimate_distributed(spec, setup, par)
+    return estimate_distributed(spec, setup, record_parallel(rec))
 
 
-class RecordTotals(NamedTuple):
+def record_totals(rec: dict[str, Any]) -> Totals:
     """A record's estimated totals per GPU, sharded records included."""
+    from vramplan.distributed import per_gpu_totals
 
-    peak_allocated: int
-    peak_phase: str
-    peak_reserved: int
-    device_total: int
-
-
-def record_totals(rec: dict[str, Any]) -> RecordTotals:
-    if is_distributed(rec):
-        d = record_distributed(rec)
-        return RecordTotals(d.per_gpu_peak_allocated_bytes, d.peak_phase, d.per_gpu_reserved_bytes,
-                            d.per_gpu_device_total_bytes)
-    e = record_estimate(rec)
-    return RecordTotals(e.peak_allocated_bytes, e.peak_phase, e.peak_reserved_bytes, e.device_total_bytes)
+    spec, setup = _spec_setup(rec)
+    return per_gpu_totals(spec, setup, record_parallel(rec) if is_distributed(rec) else None)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import torch
 from transformers import TrainerCallback
 
 from vramplan.allocator import nccl_bytes
-from vramplan.distributed import DistributedEstimate, Parallel, estimate_distributed
+from vramplan.distributed import DistributedEstimate, Parallel, estimate_distributed, per_gpu_totals
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.setup import Setup, make_setup, profiler_setup
@@ -135,13 +135,6 @@ def _changes(req: Setup, s: Setup) -> tuple[str, ...]:
     return tuple(f"{k}: {getattr(req, k)} -> {getattr(s, k)}" for k in CHANGE_FIELDS if getattr(req, k) != getattr(s, k))
 
 
-def step_device_total_bytes(spec: Any, setup: Setup, par: Parallel | None) -> int:
-    """The device total of `setup`: one GPU's, or per GPU under `par`."""
-    if par is None:
-        return estimate_setup(spec, setup).device_total_bytes
-    return estimate_distributed(spec, setup, par).per_gpu_device_total_bytes
-
-
 def cheapest_fit(est: Estimate, spec: Any, capacity: int, par: Parallel | None = None) -> str:
     """The fewest changes that make the step fit `capacity` bytes, as text: first the planner's
     configurations (method, dtype, optimizer, rank, checkpointing) at the requested batch and
@@ -157,7 +150,7 @@ def cheapest_fit(est: Estimate, spec: Any, capacity: int, par: Parallel | None =
         try:
             s = make_setup(spec, **{k: getattr(cfg, k) for k in Setup.__dataclass_fields__ if k != "lora_targets"},
                            lora_targets=cfg.lora_targets or "all-linear")
-            need = step_device_total_bytes(spec, s, par)
+            need = per_gpu_totals(spec, s, par).device_total
         except VramplanError:
             continue
         if need <= capacity:
@@ -183,7 +176,7 @@ def _smaller_batch_fit(spec: Any, req: Setup, capacity: int, par: Parallel) -> s
     while b > 1:
         b //= 2
         s = replace(req, batch_size=b, grad_accum=req.grad_accum * -(-req.batch_size // b), grad_checkpointing=True)
-        need = step_device_total_bytes(spec, s, par)
+        need = per_gpu_totals(spec, s, par).device_total
         if need <= capacity:
             return f"{'; '.join(_changes(req, s))} ({fmt_gib(need)} per GPU)"
     return (f"none that vramplan searches fits this card under {parallel_words(par)}; more GPUs, a higher ZeRO "
@@ -336,10 +329,7 @@ class MemoryPreflight(TrainerCallback):
         if self._shape is not None:  # the shapes the model really saw
             setup = replace(setup, batch_size=self._shape[0], seq_len=self._shape[1])
         par = self.parallel
-        if par is None:
-            predicted = estimate_setup(self.spec, setup).peak_allocated_bytes
-        else:
-            predicted = estimate_distributed(self.spec, setup, par).per_gpu_peak_allocated_bytes
+        predicted = per_gpu_totals(self.spec, setup, par).peak_allocated
         measured = max(s["peak"] for s in self._steps)
         reserved = max(s["reserved_peak"] for s in self._steps)
         self.comparison = Comparison(len(self._steps), measured, predicted, reserved, setup, par)
