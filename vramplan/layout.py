@@ -98,8 +98,8 @@ class Layout:
 
     @property
     def representative(self) -> LayerGroup:
-        """The first of the most numerous layer types: the one `linears` and the per-layer figures describe."""
-        return max(self.groups, key=lambda g: g.count)  # max keeps the first of equals
+        """The layer type `linears` and the per-layer figures describe (representative_group)."""
+        return representative_group(self.groups)
 
     @property
     def param_target_modules(self) -> frozenset[str]:
@@ -182,9 +182,14 @@ def _groups(spec: ModelSpec) -> tuple[LayerGroup, ...]:
     return tuple(_group(spec, idx[0], by_layer[idx[0]], len(idx), idx[-1]) for idx in keys.values())
 
 
+def representative_group(groups: tuple[LayerGroup, ...]) -> LayerGroup:
+    """The first of the most numerous layer types (max keeps the first of equals)."""
+    return max(groups, key=lambda g: g.count)
+
+
 def _layout(spec: ModelSpec) -> Layout:
     groups = _groups(spec)
-    rep = max(groups, key=lambda g: g.count)  # first of the most numerous (max keeps the first), as Layout.representative
+    rep = representative_group(groups)
     glob = [t for t in spec.tensors if t.layer is None]
     return Layout(
         layers=spec.arch.layers,
