@@ -3,6 +3,8 @@ estimator's trainable-parameter counts held against what peft really creates."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -132,3 +134,36 @@ def test_end_of_run_segments_are_summed_per_stream_and_device():
     assert out["0"] == {"segments": 2, "bytes": 22 * MiB, "allocated": 8 * MiB, "sizes_mib": {"20": 1, "2": 1}}
     assert out["77"]["bytes"] == out["77"]["allocated"] == 112 * MiB
     assert "1" not in out and sum(v["segments"] for v in out.values()) == 3
+
+
+def test_sweep_reads_records_that_two_ranks_printed_on_one_line():
+    from vramplan.profiler.sweep import records_in
+
+    out = 'noise\n{"setup": {"name": "a"}, "rank": 1}{"setup": {"name": "a"}, "rank": 0}\n{"setup": {"na\n{"setup": {}}\n'
+    assert [r.get("rank") for r in records_in(out)] == [1, 0, None]
+
+
+def test_sweep_timeout_kills_the_launchs_child_processes(tmp_path, monkeypatch):
+    import time
+
+    from vramplan.profiler import sweep
+
+    pidfile = tmp_path / "child.pid"
+    # a launcher whose child (as torchrun's ranks) would outlive a kill of the launcher alone
+    cmd = f"sleep 60 >/dev/null 2>&1 & echo $! > {pidfile}; wait"
+    monkeypatch.setattr(sweep, "launch_command", lambda setup: ["bash", "-c", cmd])
+    recs = sweep.run_one({"name": "x"}, timeout_s=1)
+    assert recs[0]["status"] == "timeout"
+    stat = Path(f"/proc/{int(pidfile.read_text())}/stat")
+
+    def running() -> bool:  # a zombie waiting for its reaper has stopped too
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    for _ in range(50):
+        if not running():
+            break
+        time.sleep(0.1)
+    assert not running(), "the launch's child still runs after the case timed out"

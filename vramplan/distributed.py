@@ -245,14 +245,18 @@ def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tup
     full = setup.method in ("full", "galore")
     head_grad = 2 * lay.lm_head_params if full and par.fsdp != "no_shard" else 0
     bwd_end = grads + live + hold
+    carried = accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=0)
     if full and spec.arch.tied and par.fsdp != "no_shard":
         # at the end everything but the tail group is resharded: only its bf16 unit stays gathered
         tail = 2 * spec.arch.vocab * spec.arch.hidden
         bwd_end = max(bwd_end, fsdp_tied_end_bytes(spec, shard=shard, grads=grads, emb_grad=t["emb_grad"]) + hold
                       + tail - gathered)
-    gpu = {"forward": {"weights": w, "optimizer_states": opt, "activations": max(stale, gathered + t["acts_fwd_peak"])},
+    # a later micro-batch runs with every unit's unsharded gradient kept (accumulated_gradient_bytes)
+    later = max(t["acts_bwd_loss"], t["acts_bwd_top"], live + hold) + carried if carried else 0
+    gpu = {"forward": {"weights": w, "optimizer_states": opt,
+                       "activations": max(stale, gathered + t["acts_fwd_peak"] + carried)},
            "backward": {"weights": w, "optimizer_states": opt, "gathered_params": gathered, "unit_gradient": head_grad,
-                        "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], bwd_end)},
+                        "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], bwd_end, later)},
            "optimizer_step": {"weights": w, "optimizer_states": opt, "gradients": grads, "transients": tr,
                               "logits_and_loss": hold}}
     return gpu, cpu
@@ -329,18 +333,28 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     hold, live = t["hold"], t["layer_live"]
     fixed = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gradient_partitions": grad_partitions}
     step_grads = {"gradients": fp32_grads if par.engine == "deepspeed" else g16, "transients": tr}
+    norm_copy = zero12_norm_copy_bytes(spec, setup, par)
     if par.engine == "deepspeed" and stage in (1, 2) and par.offload == "none":
         step_grads = zero12_step_gradients(partition_params=psi // n, fp32_grads=fp32_grads, transient=tr,
-                                           groups_share_partition=setup.trainer in ("hf", "trl"))
+                                           groups_share_partition=setup.trainer in ("hf", "trl"), norm_copy=norm_copy)
+    carried = accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=g16)
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
+    # a later micro-batch's backward adds into the carried gradients in place (autograd's AccumulateGrad)
+    bwd_grads = carried + live + hold if carried else late_grads + live + hold
     backward = {**fixed, "gathered_params": gathered,
-                "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], late_grads + live + hold)}
+                "activations": max(t["acts_bwd_loss"] + carried, t["acts_bwd_top"] + carried, bwd_grads)}
+    if norm_copy and par.offload != "none":
+        # the boundary's reduce of the largest tensor, last of backward: its 16-bit gradient and
+        # the fp64 copy of its slice (zero12_norm_copy_bytes), past every activation
+        largest = 2 * layout(spec).largest_tensor
+        if largest + norm_copy + hold > backward["activations"] + gathered:
+            backward = {**fixed, "gradients": largest, "transients": norm_copy, "logits_and_loss": hold}
     if held:
         # the first layer's backward, with the embedding prefetched for its own (zero3_embedding_prefetch_bytes)
         at_first = held + zero3_embedding_prefetch_bytes(spec)
         if sum(fixed.values()) + at_first + live > sum(backward.values()):
             backward = {**fixed, "gathered_params": at_first, "activations": live}
-    gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"]},
+    gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"] + carried},
            "backward": backward,
            # ZeRO-1/2 release their reduce buckets when backward ends (stage_1_and_2.py
            # _release_ipg_buffers); DDP's and ZeRO-3's (allocated at init, stage3.py) stay
@@ -478,7 +492,7 @@ def zero3_vocab_pool_extra_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *
 
 
 def zero12_step_gradients(*, partition_params: int, fp32_grads: int, transient: int,
-                          groups_share_partition: bool) -> dict[str, int]:
+                          groups_share_partition: bool, norm_copy: int = 0) -> dict[str, int]:
     """Gradient bytes of ZeRO-1/2's optimizer step (no offload), by component, at its larger moment.
 
     Backward copies every gradient of this rank's partition into `grads_in_partition`, one flat
@@ -493,16 +507,65 @@ def zero12_step_gradients(*, partition_params: int, fp32_grads: int, transient: 
       partition too where another group still views it -- Trainer and TRL build a decay and a
       no-decay group (transformers trainer.py create_optimizer) over one flat partition, and the
       no-decay group's views are released only at its own turn.
+    Before both, the gradient norm (scaled_global_norm -> get_grad_norm_direct) upcasts one slice
+    of the flat partition at a time to fp64 (`norm_copy`, zero12_norm_copy_bytes).
     accelerate's DeepSpeed wrapper runs engine.step() inside backward (accelerate/utils/deepspeed.py),
     so a Trainer record's backward peak may be this moment. Measured: d4-z2-gran2b-hf-full-ckpt-b4s2048
     peaks at 28.38 GiB = bf16 weights 4.72 + fp32 master and Adam states 14.16 + 2.36 + 2.36 + 4.72
     (its 2.53B parameters over 2 ranks) + the cuBLAS workspaces."""
     g16 = 2 * partition_params
-    upcast = 2 * g16 + fp32_grads
     held = g16 if groups_share_partition else 0
-    if upcast >= held + fp32_grads + transient:
-        return {"gradient_partitions": g16, "gradients": fp32_grads, "transients": g16}
-    return {"gradient_partitions": held, "gradients": fp32_grads, "transients": transient}
+    moments = ({"gradient_partitions": g16, "gradients": fp32_grads, "transients": g16},  # ties go to the first
+               {"gradient_partitions": held, "gradients": fp32_grads, "transients": transient},
+               {"gradient_partitions": g16, "gradients": 0, "transients": norm_copy})
+    return max(moments, key=lambda m: sum(m.values()))
+
+
+def accumulated_gradient_bytes(setup: Setup, par: Parallel, *, single_accum: int, partition: int) -> int:
+    """Gradient bytes each GPU keeps between the micro-batches of one optimizer step
+    (grad_accum > 1), alive through the later micro-batches' forward and backward.
+
+    `single_accum`: the single-GPU figure (the trainable parameters' .grad in their dtype);
+    `partition`: this rank's 16-bit gradient partition under ZeRO-2.
+    - DDP: transformers' Trainer runs the earlier micro-batches under accelerate's no_sync, so
+      param.grad accumulates whole on every GPU and the reducer buckets wait (measured:
+      d9-ddp-g2-2b-hf-full-ckpt-ga2-b4s2048 peaks at 52.85 GiB per GPU, 4.9 GiB above the estimate
+      without this term: its whole bf16 gradient is 4.87 GiB);
+    - FSDP2: accelerate's no_sync calls set_requires_gradient_sync(False), so each unit's unsharded
+      gradient stays on the GPU in the parameter dtype (torch/distributed/fsdp/_fully_shard/
+      _fsdp_param_group.py post_backward: `if not self.reduce_grads` keeps them; accelerate's bf16
+      policy reduces in bf16, utils/dataclasses.py, so to_accumulated_grad_if_needed keeps
+      .grad as is): every trainable parameter's gradient, unsharded;
+    - ZeRO-1: DeepSpeed reduces only at the accumulation boundary (runtime/engine.py
+      allreduce_gradients), so param.grad accumulates whole; ZeRO-2 reduces every micro-batch into
+      this rank's 16-bit partition, which persists (stage_1_and_2.py copy_grads_in_partition);
+      ZeRO-3's partition buffer is alive anyway, and with optimizer offload ZeRO-2/3 accumulate in
+      host memory (async_accumulate_grad_in_cpu_via_gpu). The DeepSpeed and FSDP2 rules are read
+      from the code; only DDP's is measured."""
+    if setup.grad_accum < 2:
+        return 0
+    if par.engine in ("ddp", "fsdp") or par.zero == 1:
+        return single_accum
+    if par.zero == 2 and par.offload == "none":
+        return partition
+    return 0
+
+
+def zero12_norm_copy_bytes(spec: ModelSpec, setup: Setup, par: Parallel) -> int:
+    """The 64-bit copy DeepSpeed ZeRO-1/2 makes of one gradient slice to take its norm, on the
+    rank whose partition holds the largest trainable tensor (the embedding or lm_head of a full
+    fine-tune): get_norm_dtype() is torch.double wherever the card has fp64 (runtime/zero/utils.py
+    0.19.8), and each parameter's slice is upcast whole (`g.data.to(get_norm_dtype())`:
+    get_grad_norm_direct in step() without offload, set_norm_for_param_grad_in_gpu at the
+    boundary's reduce with optimizer offload), 8 bytes an element. Partitions are flat cuts of
+    each parameter group, so a tensor larger than a partition is split over ranks. Measured:
+    d9-z2off-g3-12b-hf-full-ckpt-b1s2048 rank 0 (Gemma 3's 1.01B-element embedding in its
+    partition) ends backward 2.65 GiB above ranks 1-3 and keeps a 7682 MiB segment on the
+    reduction stream, the embedding's 8-byte copy."""
+    if par.engine != "deepspeed" or par.zero not in (1, 2) or setup.method not in ("full", "galore"):
+        return 0
+    lay = layout(spec)
+    return 8 * min(lay.largest_tensor, lay.params_total // par.world)
 
 
 # deepspeed/runtime/zero/config.py (0.19.8): `sub_group_size` defaults to 1e9 elements (the Trainer
@@ -654,7 +717,7 @@ def _grads_alive(gpu: Phases, peak_phase: str, m: _Micro) -> bool:
     if peak_phase == "optimizer_step":
         return True
     t = m.t
-    return peak_phase == "backward" and gpu["backward"]["activations"] > max(t["acts_bwd_loss"], t["acts_bwd_top"])
+    return peak_phase == "backward" and gpu["backward"].get("activations", 0) > max(t["acts_bwd_loss"], t["acts_bwd_top"])
 
 
 def _nccl_engine(par: Parallel) -> str:

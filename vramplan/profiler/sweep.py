@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -58,19 +59,42 @@ def launch_command(setup: dict[str, Any]) -> list[str]:
     return [*head, worker_module(setup), json.dumps(setup)]
 
 
+def records_in(stdout: str) -> list[dict[str, Any]]:
+    """The JSON records ('{"setup"...}') in a launch's stdout. Ranks print at once, so two records
+    can share a line (one rank's newline lands after the other's record): decode each start."""
+    decoder = json.JSONDecoder()
+    recs: list[dict[str, Any]] = []
+    at = stdout.find('{"setup"')
+    while at >= 0:
+        try:
+            rec, end = decoder.raw_decode(stdout, at)
+        except json.JSONDecodeError:
+            end = at + 1  # a record cut by another rank's output: skip it
+        else:
+            recs.append(rec)
+        at = stdout.find('{"setup"', end)
+    return recs
+
+
 def run_one(setup: dict[str, Any], *, timeout_s: float) -> list[dict[str, Any]]:
     """The records of one case: one, or one per rank of a multi-GPU launch."""
     # OMP threads for CPU-side optimizer steps under offload (torchrun would set 1)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "8"))
-    try:
-        proc = subprocess.run(launch_command(setup), capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return [{"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s"}]
-    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"setup"')]
+    # its own process group: a timed-out torchrun's ranks would otherwise outlive it and hold their
+    # GPUs' memory into the next case (d9-fsdp-gran2b's first launch left 11.3 GiB on GPUs 1-3)
+    with subprocess.Popen(launch_command(setup), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return [{"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s"}]
+    recs = records_in(stdout)
     if recs:
         return sorted(recs, key=lambda r: r.get("rank", 0))
-    return [{"setup": setup, "status": "error", "error": (proc.stderr or proc.stdout)[-1500:]}]
+    return [{"setup": setup, "status": "error", "error": (stderr or stdout)[-1500:]}]
 
 
 def run_cases(setups: list[dict[str, Any]], out: Path, *, budget_s: float = 3600, case_timeout_s: float = 600,
