@@ -459,3 +459,20 @@ def test_ddp_gradient_accumulation_peaks_a_whole_gradient_above_one_micro_batch(
                    grad_checkpointing=True, grad_accum=2, hold_outputs=False)
     d = estimate_distributed(spec, s, make_parallel(gpus=4))
     assert d.per_gpu_peak_allocated_bytes == pytest.approx(56_745_009_664, rel=0.01)
+
+
+def test_fsdp2_accumulation_reserves_the_carried_gradients_blocks_again():
+    # d10-fsdp-l1b-hf-full-ga2-b2s1024: 16.05 GiB allocated, 19.96 GiB reserved per GPU
+    spec = resolve_model("llama-3.2-1b")
+    kw = dict(method="full", trainer="hf", optimizer="adamw-fused", batch_size=2, seq_len=1024, hold_outputs=False)
+    par = make_parallel(gpus=2, fsdp="full_shard")
+    one = estimate_distributed(spec, make_setup(spec, **kw), par)
+    two = estimate_distributed(spec, make_setup(spec, grad_accum=2, **kw), par)
+    carried = 2 * one.single.params_trainable
+    assert two.per_gpu_peak_allocated_bytes - one.per_gpu_peak_allocated_bytes == pytest.approx(carried, rel=0.01)
+    assert two.per_gpu_peak_allocated_bytes == pytest.approx(16.049 * 2**30, rel=0.01)
+    assert two.per_gpu_reserved_bytes == pytest.approx(19.965 * 2**30, rel=0.01)
+    # ZeRO-1 keeps them in flat buffers: no such blocks
+    z1 = [estimate_distributed(spec, make_setup(spec, grad_accum=ga, **kw), make_parallel(gpus=2, zero=1)) for ga in (1, 2)]
+    assert (z1[1].per_gpu_reserved_bytes - z1[1].per_gpu_peak_allocated_bytes
+            == pytest.approx(z1[0].per_gpu_reserved_bytes - z1[0].per_gpu_peak_allocated_bytes, abs=2**27))
