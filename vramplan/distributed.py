@@ -251,12 +251,13 @@ def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tup
         tail = 2 * spec.arch.vocab * spec.arch.hidden
         bwd_end = max(bwd_end, fsdp_tied_end_bytes(spec, shard=shard, grads=grads, emb_grad=t["emb_grad"]) + hold
                       + tail - gathered)
-    # a later micro-batch runs with every unit's unsharded gradient kept (accumulated_gradient_bytes)
-    later = max(t["acts_bwd_loss"], t["acts_bwd_top"], live + hold) + carried if carried else 0
-    gpu = {"forward": {"weights": w, "optimizer_states": opt,
-                       "activations": max(stale, gathered + t["acts_fwd_peak"] + carried)},
+    # a later micro-batch runs with every unit's unsharded gradient kept (accumulated_gradient_bytes);
+    # the last one's backward ends with them reduced into the shards (bwd_end)
+    bwd_acts = max(t["acts_bwd_loss"], t["acts_bwd_top"], bwd_end - carried, live + hold if carried else 0)
+    gpu = {"forward": {"weights": w, "optimizer_states": opt, "accumulated_gradients": carried,
+                       "activations": max(stale - carried, gathered + t["acts_fwd_peak"])},
            "backward": {"weights": w, "optimizer_states": opt, "gathered_params": gathered, "unit_gradient": head_grad,
-                        "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], bwd_end, later)},
+                        "accumulated_gradients": carried, "activations": bwd_acts},
            "optimizer_step": {"weights": w, "optimizer_states": opt, "gradients": grads, "transients": tr,
                               "logits_and_loss": hold}}
     return gpu, cpu
@@ -340,21 +341,23 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     carried = accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=g16)
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
     # a later micro-batch's backward adds into the carried gradients in place (autograd's AccumulateGrad)
-    bwd_grads = carried + live + hold if carried else late_grads + live + hold
-    backward = {**fixed, "gathered_params": gathered,
-                "activations": max(t["acts_bwd_loss"] + carried, t["acts_bwd_top"] + carried, bwd_grads)}
+    bwd_grads = live + hold if carried else late_grads + live + hold
+    backward = {**fixed, "gathered_params": gathered, "accumulated_gradients": carried,
+                "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], bwd_grads)}
     if norm_copy and par.offload != "none":
         # the boundary's reduce of the largest tensor, last of backward: its 16-bit gradient and
         # the fp64 copy of its slice (zero12_norm_copy_bytes), past every activation
         largest = 2 * layout(spec).largest_tensor
-        if largest + norm_copy + hold > backward["activations"] + gathered:
-            backward = {**fixed, "gradients": largest, "transients": norm_copy, "logits_and_loss": hold}
+        if largest + norm_copy + hold > backward["activations"] + gathered + carried:
+            backward = {**fixed, "accumulated_gradients": carried, "gradients": largest, "transients": norm_copy,
+                        "logits_and_loss": hold}
     if held:
         # the first layer's backward, with the embedding prefetched for its own (zero3_embedding_prefetch_bytes)
         at_first = held + zero3_embedding_prefetch_bytes(spec)
         if sum(fixed.values()) + at_first + live > sum(backward.values()):
             backward = {**fixed, "gathered_params": at_first, "activations": live}
-    gpu = {"forward": {**fixed, "gathered_params": gathered, "activations": t["acts_fwd_peak"] + carried},
+    gpu = {"forward": {**fixed, "gathered_params": gathered, "accumulated_gradients": carried,
+                       "activations": t["acts_fwd_peak"]},
            "backward": backward,
            # ZeRO-1/2 release their reduce buckets when backward ends (stage_1_and_2.py
            # _release_ipg_buffers); DDP's and ZeRO-3's (allocated at init, stage3.py) stay
@@ -732,7 +735,9 @@ def _grads_alive(gpu: Phases, peak_phase: str, m: _Micro) -> bool:
     if peak_phase == "optimizer_step":
         return True
     t = m.t
-    return peak_phase == "backward" and gpu["backward"].get("activations", 0) > max(t["acts_bwd_loss"], t["acts_bwd_top"])
+    bwd = gpu["backward"]
+    return peak_phase == "backward" and bwd.get("activations", 0) + bwd.get("accumulated_gradients", 0) > max(
+        t["acts_bwd_loss"], t["acts_bwd_top"])
 
 
 def _nccl_engine(par: Parallel) -> str:
@@ -772,6 +777,12 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
             f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed (measured with 0.19.8) "
             f"keeps every frozen layer weight gathered from its recompute to the optimizer step: {fmt_gib(held)} per "
             f"GPU; Trainer's non-reentrant checkpointing or ZeRO-2 avoid it")))
+    carried = accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=(2 * m.psi) // par.world)
+    if carried and par.engine == "fsdp":
+        single = replace(single, notes=(*single.notes, (
+            f"gradient accumulation under FSDP2: the earlier micro-batches run without gradient sync, so every GPU "
+            f"keeps the whole unsharded gradient ({fmt_gib(carried)}) until the last one; sync_each_batch=True in "
+            f"accelerate's GradientAccumulationPlugin reduce-scatters each micro-batch instead")))
     gpu, cpu = _fsdp_phases(spec, setup, par, m) if par.engine == "fsdp" else _zero_phases(spec, setup, par, m, ddp_mixed, held)
     for parts in gpu.values():
         parts["cublas_workspace"] = t["workspace"]
