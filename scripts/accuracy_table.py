@@ -39,7 +39,7 @@ def main() -> None:
 # allocator histories too, but at the time of writing no term was read off them).
 USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "m1-", "m2-", "d2-", "d3-")
 # t7-* re-runs of setups measured before (to read their allocator histories): in-sample
-HELD_OUT = ("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-", "d4-", "d7-", "d8-", "d9-", "d10-")  # matrices committed before they ran
+HELD_OUT = ("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-", "d4-", "d7-", "d8-", "d9-", "d10-", "d11-")  # matrices committed before they ran
 RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 # Held-out runs a term was since written from or checked against: in-sample from then on (their
 # first-measurement errors are in the README). The ZeRO-1/2 step moment (d4-z2-gran2b), FSDP2's
