@@ -476,3 +476,21 @@ def test_fsdp2_accumulation_reserves_the_carried_gradients_blocks_again():
     z1 = [estimate_distributed(spec, make_setup(spec, grad_accum=ga, **kw), make_parallel(gpus=2, zero=1)) for ga in (1, 2)]
     assert (z1[1].per_gpu_reserved_bytes - z1[1].per_gpu_peak_allocated_bytes
             == pytest.approx(z1[0].per_gpu_reserved_bytes - z1[0].per_gpu_peak_allocated_bytes, abs=2**27))
+
+
+def test_zero2_offload_reserves_the_fp64_norm_copy_on_the_reduction_stream():
+    # d11-z2off-l1b-hf-full-ga2-b2s2048 rank 0: a 2004 MiB segment on the reduction stream, 1.97 GiB
+    # more reserved than ranks 1-3 at the same activation peak (18.58 GiB reserved)
+    from vramplan.distributed import zero12_norm_copy_segment_bytes
+
+    spec = resolve_model("llama-3.2-1b")
+    s = make_setup(spec, method="full", trainer="hf", optimizer="adamw-fused", batch_size=2, seq_len=2048,
+                   grad_accum=2, hold_outputs=False)
+    par = make_parallel(gpus=4, zero=2, offload="optimizer")
+    d = estimate_distributed(spec, s, par)
+    assert d.gpu_parts.get("transients", 0) == 0  # the peak is the activations', not the copy's
+    seg = zero12_norm_copy_segment_bytes(spec, s, par, peak_parts=d.gpu_parts)
+    assert seg == 8 * spec.arch.vocab * spec.arch.hidden
+    assert d.per_gpu_reserved_bytes == pytest.approx(18.58 * 2**30, rel=0.05)
+    # without offload the norm runs on the default stream in step(): no segment of its own
+    assert zero12_norm_copy_segment_bytes(spec, s, make_parallel(gpus=4, zero=2), peak_parts=d.gpu_parts) == 0

@@ -586,6 +586,23 @@ def zero12_norm_copy_bytes(spec: ModelSpec, setup: Setup, par: Parallel) -> int:
     return 8 * min(lay.largest_tensor, lay.params_total // par.world)
 
 
+def zero12_norm_copy_segment_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, peak_parts: dict[str, int]) -> int:
+    """The reduction stream's segment for the fp64 norm copy under ZeRO-1/2 with optimizer offload
+    (zero12_norm_copy_bytes): overlap_comm reduces under `self.reduction_stream` and
+    copy_grads_in_partition takes the norm there (stage_1_and_2.py 0.19.8 reduce_ipg_grads), so the
+    copy's block belongs to that stream's pool and stays cached beside the default stream's, whose
+    blocks cannot serve it. Where the copy's moment is not the step's peak, the reserved memory adds
+    it (where it is, the peak already counts it). Measured: d11-z2off-l1b-hf-full-ga2-b2s2048 rank 0
+    keeps a 2004 MiB segment on that stream (Llama-3.2-1B's embedding, 8 bytes an element) and
+    reserves 1.97 GiB more than ranks 1-3 at the same activation peak; d7-z2off-olmo2-7b ranks 0
+    and 3 (embedding and untied lm_head) each keep a 3136 MiB one and reserve 3.4 and 2.7 GiB more
+    than ranks 1-2. The estimate is the owning rank's."""
+    norm = zero12_norm_copy_bytes(spec, setup, par)
+    if not norm or par.offload == "none" or peak_parts.get("transients") == norm:
+        return 0
+    return norm
+
+
 # deepspeed/runtime/zero/config.py (0.19.8): `sub_group_size` defaults to 1e9 elements (the Trainer
 # config of vramplan.profiler.trainer_dist sets the same); stage3.py _create_fp16_sub_groups closes
 # a sub-group of this rank's partition once it holds that many, and steps one sub-group at a time.
@@ -812,6 +829,7 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                                          grad_tensors=_grad_tensor_bytes(spec, setup, t) if par.engine == "ddp" else [])
     reserved = max(reserved, fsdp_loss_moment_reserved_bytes(par, gpu, m, grads_alive=grads_alive, ag_pool=ag_pool))
     reserved += accumulated_gradient_reserved_bytes(setup, par, single_accum=t["accum"])
+    reserved += zero12_norm_copy_segment_bytes(spec, setup, par, peak_parts=gpu[peak_phase])
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())
