@@ -489,8 +489,9 @@ def test_zero2_offload_reserves_the_fp64_norm_copy_on_the_reduction_stream():
     par = make_parallel(gpus=4, zero=2, offload="optimizer")
     d = estimate_distributed(spec, s, par)
     assert d.gpu_parts.get("transients", 0) == 0  # the peak is the activations', not the copy's
-    seg = zero12_norm_copy_segment_bytes(spec, s, par, peak_parts=d.gpu_parts)
-    assert seg == 8 * spec.arch.vocab * spec.arch.hidden
+    norm = zero12_norm_copy_bytes(spec, s, par)
+    assert zero12_norm_copy_segment_bytes(par, norm_copy=norm, peak_parts=d.gpu_parts) == 8 * spec.arch.vocab * spec.arch.hidden
     assert d.per_gpu_reserved_bytes == pytest.approx(18.58 * 2**30, rel=0.05)
     # without offload the norm runs on the default stream in step(): no segment of its own
-    assert zero12_norm_copy_segment_bytes(spec, s, make_parallel(gpus=4, zero=2), peak_parts=d.gpu_parts) == 0
+    on_gpu = make_parallel(gpus=4, zero=2)
+    assert zero12_norm_copy_segment_bytes(on_gpu, norm_copy=zero12_norm_copy_bytes(spec, s, on_gpu), peak_parts=d.gpu_parts) == 0

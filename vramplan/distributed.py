@@ -206,6 +206,8 @@ class _Micro:
     states: int  # optimizer states per trainable parameter
     foreach: bool  # the optimizer step keeps a whole-group transient
     unsharded: int = 0  # frozen bytes every GPU holds whole though the engine shards (unsharded_quantised_bytes)
+    carried: int = 0  # gradients kept between micro-batches (accumulated_gradient_bytes)
+    norm_copy: int = 0  # DeepSpeed ZeRO-1/2's fp64 copy of the largest gradient slice (zero12_norm_copy_bytes)
 
 
 Phases = dict[str, dict[str, int]]
@@ -245,7 +247,7 @@ def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tup
     full = setup.method in ("full", "galore")
     head_grad = 2 * lay.lm_head_params if full and par.fsdp != "no_shard" else 0
     bwd_end = grads + live + hold
-    carried = accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=0)
+    carried = m.carried
     if full and spec.arch.tied and par.fsdp != "no_shard":
         # at the end everything but the tail group is resharded: only its bf16 unit stays gathered
         tail = 2 * spec.arch.vocab * spec.arch.hidden
@@ -334,11 +336,10 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     hold, live = t["hold"], t["layer_live"]
     fixed = {"weights": w, "optimizer_states": opt, "comm_buckets": buckets, "gradient_partitions": grad_partitions}
     step_grads = {"gradients": fp32_grads if par.engine == "deepspeed" else g16, "transients": tr}
-    norm_copy = zero12_norm_copy_bytes(spec, setup, par)
+    norm_copy, carried = m.norm_copy, m.carried
     if par.engine == "deepspeed" and stage in (1, 2) and par.offload == "none":
         step_grads = zero12_step_gradients(partition_params=psi // n, fp32_grads=fp32_grads, transient=tr,
                                            groups_share_partition=setup.trainer in ("hf", "trl"), norm_copy=norm_copy)
-    carried = accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=g16)
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
     # a later micro-batch's backward adds into the carried gradients in place (autograd's AccumulateGrad)
     bwd_grads = live + hold if carried else late_grads + live + hold
@@ -554,7 +555,7 @@ def accumulated_gradient_bytes(setup: Setup, par: Parallel, *, single_accum: int
     return 0
 
 
-def accumulated_gradient_reserved_bytes(setup: Setup, par: Parallel, *, single_accum: int) -> int:
+def accumulated_gradient_reserved_bytes(par: Parallel, *, carried: int) -> int:
     """Blocks the carried gradients (accumulated_gradient_bytes) strand under DDP and FSDP2, where
     autograd creates them one parameter at a time in the first micro-batch's backward: they carve
     the blocks its activations are freeing, and the next micro-batch's forward, needing those
@@ -564,9 +565,7 @@ def accumulated_gradient_reserved_bytes(setup: Setup, par: Parallel, *, single_a
     d9-ddp-g2-2b-hf-full-ckpt-ga2-b4s2048, whose gradients can also carve the loss's freed 8000 MiB
     vocabulary blocks, 2.46 of its 4.87 GiB. ZeRO-1's whole gradients go to flat buffers (the
     d10-z1 run's six 2358 MiB segments) and strand nothing of the kind."""
-    if par.engine not in ("ddp", "fsdp"):
-        return 0
-    return accumulated_gradient_bytes(setup, par, single_accum=single_accum, partition=0)
+    return carried if par.engine in ("ddp", "fsdp") else 0
 
 
 def zero12_norm_copy_bytes(spec: ModelSpec, setup: Setup, par: Parallel) -> int:
@@ -586,9 +585,9 @@ def zero12_norm_copy_bytes(spec: ModelSpec, setup: Setup, par: Parallel) -> int:
     return 8 * min(lay.largest_tensor, lay.params_total // par.world)
 
 
-def zero12_norm_copy_segment_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, peak_parts: dict[str, int]) -> int:
+def zero12_norm_copy_segment_bytes(par: Parallel, *, norm_copy: int, peak_parts: dict[str, int]) -> int:
     """The reduction stream's segment for the fp64 norm copy under ZeRO-1/2 with optimizer offload
-    (zero12_norm_copy_bytes): overlap_comm reduces under `self.reduction_stream` and
+    (`norm_copy`, zero12_norm_copy_bytes): overlap_comm reduces under `self.reduction_stream` and
     copy_grads_in_partition takes the norm there (stage_1_and_2.py 0.19.8 reduce_ipg_grads), so the
     copy's block belongs to that stream's pool and stays cached beside the default stream's, whose
     blocks cannot serve it. Where the copy's moment is not the step's peak, the reserved memory adds
@@ -597,10 +596,9 @@ def zero12_norm_copy_segment_bytes(spec: ModelSpec, setup: Setup, par: Parallel,
     reserves 1.97 GiB more than ranks 1-3 at the same activation peak; d7-z2off-olmo2-7b ranks 0
     and 3 (embedding and untied lm_head) each keep a 3136 MiB one and reserve 3.4 and 2.7 GiB more
     than ranks 1-2. The estimate is the owning rank's."""
-    norm = zero12_norm_copy_bytes(spec, setup, par)
-    if not norm or par.offload == "none" or peak_parts.get("transients") == norm:
+    if not norm_copy or par.offload == "none" or peak_parts.get("transients") == norm_copy:
         return 0
-    return norm
+    return norm_copy
 
 
 # deepspeed/runtime/zero/config.py (0.19.8): `sub_group_size` defaults to 1e9 elements (the Trainer
@@ -780,8 +778,10 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     spec_opt = OPTIMIZERS[setup.optimizer]
     frozen = t["weights"] if setup.method not in ("full", "galore") else 0
     whole = unsharded_quantised_bytes(spec, setup, par)
-    m = _Micro(psi=single.params_trainable, frozen=frozen - whole, t=t, states=spec_opt.states,
-               foreach=spec_opt.foreach, unsharded=whole)
+    psi = single.params_trainable
+    m = _Micro(psi=psi, frozen=frozen - whole, t=t, states=spec_opt.states, foreach=spec_opt.foreach, unsharded=whole,
+               carried=accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=2 * psi // par.world),
+               norm_copy=zero12_norm_copy_bytes(spec, setup, par))
     held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
     if whole:
         why = ("accelerate's FSDP2 leaves uint8 Params4bit unsharded (--quant-storage bf16, bnb_4bit_quant_storage, "
@@ -794,11 +794,10 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
             f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed (measured with 0.19.8) "
             f"keeps every frozen layer weight gathered from its recompute to the optimizer step: {fmt_gib(held)} per "
             f"GPU; Trainer's non-reentrant checkpointing or ZeRO-2 avoid it")))
-    carried = accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=(2 * m.psi) // par.world)
-    if carried and par.engine == "fsdp":
+    if m.carried and par.engine == "fsdp":
         single = replace(single, notes=(*single.notes, (
             f"gradient accumulation under FSDP2: the earlier micro-batches run without gradient sync, so every GPU "
-            f"keeps the whole unsharded gradient ({fmt_gib(carried)}) until the last one; sync_each_batch=True in "
+            f"keeps the whole unsharded gradient ({fmt_gib(m.carried)}) until the last one; sync_each_batch=True in "
             f"accelerate's GradientAccumulationPlugin reduce-scatters each micro-batch instead")))
     gpu, cpu = _fsdp_phases(spec, setup, par, m) if par.engine == "fsdp" else _zero_phases(spec, setup, par, m, ddp_mixed, held)
     for parts in gpu.values():
@@ -828,8 +827,8 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                                          ckpt_input=checkpoint_bytes(spec.arch, setup, stream_dtypes(setup)),
                                          grad_tensors=_grad_tensor_bytes(spec, setup, t) if par.engine == "ddp" else [])
     reserved = max(reserved, fsdp_loss_moment_reserved_bytes(par, gpu, m, grads_alive=grads_alive, ag_pool=ag_pool))
-    reserved += accumulated_gradient_reserved_bytes(setup, par, single_accum=t["accum"])
-    reserved += zero12_norm_copy_segment_bytes(spec, setup, par, peak_parts=gpu[peak_phase])
+    reserved += accumulated_gradient_reserved_bytes(par, carried=m.carried)
+    reserved += zero12_norm_copy_segment_bytes(par, norm_copy=m.norm_copy, peak_parts=gpu[peak_phase])
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())
