@@ -150,10 +150,11 @@ def test_sweep_timeout_kills_the_launchs_child_processes(tmp_path, monkeypatch):
 
     pidfile = tmp_path / "child.pid"
     # a launcher whose child (as torchrun's ranks) would outlive a kill of the launcher alone
-    cmd = f"sleep 60 >/dev/null 2>&1 & echo $! > {pidfile}; wait"
+    cmd = f"sleep 60 >/dev/null 2>&1 & echo $! > {pidfile}; echo 'model built at 0 s' >&2; wait"
     monkeypatch.setattr(sweep, "launch_command", lambda setup: ["bash", "-c", cmd])
     recs = sweep.run_one({"name": "x"}, timeout_s=1)
     assert recs[0]["status"] == "timeout"
+    assert "model built" in recs[0]["stderr_tail"], "the timeout record keeps where the launch got to"
     stat = Path(f"/proc/{int(pidfile.read_text())}/stat")
 
     def running() -> bool:  # a zombie waiting for its reaper has stopped too

@@ -89,8 +89,10 @@ def run_one(setup: dict[str, Any], *, timeout_s: float) -> list[dict[str, Any]]:
             stdout, stderr = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return [{"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s"}]
+            _, stderr = proc.communicate()
+            # the tail says where it spent the time (the workers' stage lines, trainer_worker._stage)
+            return [{"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s",
+                     "stderr_tail": (stderr or "")[-1500:]}]
     recs = records_in(stdout)
     if recs:
         return sorted(recs, key=lambda r: r.get("rank", 0))

@@ -214,6 +214,12 @@ def _callback(base: int, steps_out: list[dict[str, Any]], trace_last: int | None
     return Peaks()
 
 
+def _stage(name: str, t0: float) -> None:
+    """A progress line on stderr: a case that runs past its budget keeps the tail of these in its
+    timeout record (sweep.run_one), which says where it spent the time."""
+    print(f"[vramplan r{local_rank()}] {name} at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
 def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
     import torch
 
@@ -233,14 +239,18 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
         if early:
             torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         init_process_group(setup)
+        _stage("process group up", t0)
         args = make_args(setup, os.path.join(tmp, "out"))
         model = build_trainer_model(setup, build_device(load_place(setup), dev), os.path.join(tmp, "ckpt"))
+        _stage("model built", t0)
         alloc_after_load = torch.cuda.memory_allocated() - base
         tr = make_trainer(setup, model, args, _callback(base, rec_steps, steps - 1 if trace else None))
         load_s = time.time() - t0
+        _stage("trainer made", t0)
         if trace and not early:
             torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         tr.train()
+        _stage("trained", t0)
         snap = torch.cuda.memory._snapshot() if trace else None
         if trace:
             torch.cuda.memory._record_memory_history(enabled=None)
