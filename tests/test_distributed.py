@@ -490,8 +490,47 @@ def test_zero2_offload_reserves_the_fp64_norm_copy_on_the_reduction_stream():
     d = estimate_distributed(spec, s, par)
     assert d.gpu_parts.get("transients", 0) == 0  # the peak is the activations', not the copy's
     norm = zero12_norm_copy_bytes(spec, s, par)
-    assert zero12_norm_copy_segment_bytes(par, norm_copy=norm, peak_parts=d.gpu_parts) == 8 * spec.arch.vocab * spec.arch.hidden
+    assert zero12_norm_copy_segment_bytes(par, norm_copy=norm, peak_parts=d.gpu_parts,
+                                          largest_freed_block=norm) == 8 * spec.arch.vocab * spec.arch.hidden
     assert d.per_gpu_reserved_bytes == pytest.approx(18.58 * 2**30, rel=0.05)
-    # without offload the norm runs on the default stream in step(): no segment of its own
+    # without offload the norm runs on the default stream in step(), after backward freed its blocks
     on_gpu = make_parallel(gpus=4, zero=2)
-    assert zero12_norm_copy_segment_bytes(on_gpu, norm_copy=zero12_norm_copy_bytes(spec, s, on_gpu), peak_parts=d.gpu_parts) == 0
+    # ... and the loss's freed 2004 MiB fp32 logits block holds the 2004 MiB copy: no segment of its own
+    from vramplan.reserved import freed_vocab_block
+
+    assert zero12_norm_copy_segment_bytes(on_gpu, norm_copy=zero12_norm_copy_bytes(spec, s, on_gpu), peak_parts=d.gpu_parts,
+                                          largest_freed_block=freed_vocab_block(spec.arch, s)) == 0
+
+
+def test_zero3_holds_up_to_max_live_parameters_gathered_at_the_turn_to_backward():
+    from vramplan.distributed import ZERO3_MAX_LIVE_PARAMS, zero3_live_gathered_bytes
+
+    # Qwen2.5-1.5B: 1.54B parameters, more than stage3_max_live_parameters, whose cap binds
+    q = _dist("qwen2.5-1.5b", gpus=4, zero=3)
+    assert zero3_live_gathered_bytes(resolve_model("qwen2.5-1.5b")) == 2 * ZERO3_MAX_LIVE_PARAMS
+    assert q.gpu_parts["gathered_params"] == 2 * ZERO3_MAX_LIVE_PARAMS
+    # a model smaller than the cap is gathered whole
+    small = resolve_model("smollm2-135m")
+    assert zero3_live_gathered_bytes(small) == 2 * layout(small).params_total
+    # ZeRO-1/2 gather nothing
+    z2 = _dist("qwen2.5-1.5b", gpus=4, zero=2)
+    assert z2.gpu_parts.get("gathered_params", 0) == 0
+
+
+def test_zero1_fp64_norm_copy_larger_than_every_freed_block_takes_a_segment_of_its_own():
+    # d11-z1-g3-1b-hf-full-b1s512 rank 0: a 250M-element slice of Gemma 3's embedding is 1908 MiB in
+    # fp64, larger than its 954 MiB fp32 partitions and 576 MiB blocks; it reserves 1.95 GiB more
+    # than ranks 2-3
+    from vramplan.distributed import zero12_norm_copy_segment_bytes
+
+    spec = resolve_model("gemma-3-1b")
+    s = make_setup(spec, method="full", trainer="hf", optimizer="adamw-fused", batch_size=1, seq_len=512,
+                   hold_outputs=False)
+    par = make_parallel(gpus=4, zero=1)
+    norm = zero12_norm_copy_bytes(spec, s, par)
+    assert norm == 8 * (layout(spec).params_total // 4)
+    assert zero12_norm_copy_segment_bytes(par, norm_copy=norm, peak_parts={}, largest_freed_block=norm // 2) == norm
+    # a freed block that holds it (d10-z1-l1b: 2004 MiB copy, 2358 MiB fp32 partitions) adds none
+    assert zero12_norm_copy_segment_bytes(par, norm_copy=norm, peak_parts={}, largest_freed_block=norm) == 0
+    d = estimate_distributed(spec, s, par)
+    assert d.per_gpu_reserved_bytes == pytest.approx(12.94 * 2**30, rel=0.05)

@@ -202,7 +202,10 @@ def test_selfcheck_launches_multi_gpu_cases_under_torchrun_and_single_ones_alone
 # per-GPU figures. Under ZeRO-3 the Trainer's LoRA run is 9.8% under in peak allocated (released
 # weights that stay allocated while the host runs ahead; README "Not yet right"), its reserved exact.
 DIST_CALLBACK_RECORDS = Path(__file__).parent / "data" / "train_configs" / "measured_h200x2_trainer_callback.jsonl"
-DIST_CALLBACK_BANDS = {"trainer-ddp-lora-1b-b4s1024": (-0.02, 0.0), "trainer-zero3-lora-ckpt-1b-b4s1024": (-0.11, -0.08)}
+DIST_CALLBACK_BANDS = {"trainer-ddp-lora-1b-b4s1024": (-0.02, 0.0), "trainer-zero3-lora-ckpt-1b-b4s1024": (-0.02, 0.0)}
+# the callback's on-card prediction for the ZeRO-3 run (-9.8%) predates the parameters ZeRO-3 keeps
+# gathered at the turn to backward (distributed.zero3_live_gathered_bytes); re-estimated, it is -0.5%
+PREDICTED_BY_AN_OLDER_MODEL = {"trainer-zero3-lora-ckpt-1b-b4s1024"}
 
 
 def test_callback_records_from_a_two_gpu_trainer_re_estimate_per_gpu_within_their_band():
@@ -215,7 +218,10 @@ def test_callback_records_from_a_two_gpu_trainer_re_estimate_per_gpu_within_thei
         assert is_distributed(r) and r["world_size"] == 2 and r["gpu"].startswith("NVIDIA H200")
         t = record_totals(r)
         # what the callback predicted on the card is what the records path re-estimates now
-        assert t.peak_allocated == pytest.approx(r["predicted_peak_allocated"], rel=0.002)
+        if r["setup"]["name"] in PREDICTED_BY_AN_OLDER_MODEL:
+            assert t.peak_allocated > r["predicted_peak_allocated"]
+        else:
+            assert t.peak_allocated == pytest.approx(r["predicted_peak_allocated"], rel=0.002)
         lo, hi = DIST_CALLBACK_BANDS[r["setup"]["name"]]
         assert lo <= t.peak_allocated / r["peak_allocated"] - 1 <= hi, r["setup"]["name"]
         assert abs(t.peak_reserved / r["peak_reserved"] - 1) <= 0.04

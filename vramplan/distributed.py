@@ -343,8 +343,13 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     late_grads = 0 if grad_partitions else g16  # gradients that exist only from backward on
     # a later micro-batch's backward adds into the carried gradients in place (autograd's AccumulateGrad)
     bwd_grads = live + hold if carried else late_grads + live + hold
-    backward = {**fixed, "gathered_params": gathered, "accumulated_gradients": carried,
-                "activations": max(t["acts_bwd_loss"], t["acts_bwd_top"], bwd_grads)}
+    # at the turn from forward to backward ZeRO-3 holds what its coordinator kept gathered
+    turn = max(gathered, zero3_live_gathered_bytes(spec)) if stage == 3 else gathered
+    at_turn = max(t["acts_bwd_loss"], t["acts_bwd_top"])
+    if turn + at_turn >= gathered + bwd_grads:
+        backward = {**fixed, "gathered_params": turn, "accumulated_gradients": carried, "activations": at_turn}
+    else:
+        backward = {**fixed, "gathered_params": gathered, "accumulated_gradients": carried, "activations": bwd_grads}
     if norm_copy and par.offload != "none":
         # the boundary's reduce of the largest tensor, last of backward: its 16-bit gradient and
         # the fp64 copy of its slice (zero12_norm_copy_bytes), past every activation
@@ -357,7 +362,7 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
         at_first = held + zero3_embedding_prefetch_bytes(spec)
         if sum(fixed.values()) + at_first + live > sum(backward.values()):
             backward = {**fixed, "gathered_params": at_first, "activations": live}
-    gpu = {"forward": {**fixed, "gathered_params": gathered, "accumulated_gradients": carried,
+    gpu = {"forward": {**fixed, "gathered_params": turn, "accumulated_gradients": carried,
                        "activations": t["acts_fwd_peak"]},
            "backward": backward,
            # ZeRO-1/2 release their reduce buckets when backward ends (stage_1_and_2.py
@@ -408,6 +413,27 @@ def zero3_reentrant_held_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, 
     lay = layout(spec)
     total = lay.layer_params_total + lay.embed_params + lay.lm_head_params + lay.final_norm_params
     return frozen_bytes * lay.layer_params_total // max(1, total)
+
+
+# deepspeed/runtime/zero/config.py (0.19.8): stage3_max_live_parameters defaults to 1e9, and
+# transformers' DeepSpeed docs (ds_config_zero3.json) set the same, as vramplan.profiler.trainer_dist does
+ZERO3_MAX_LIVE_PARAMS = 10**9
+
+
+def zero3_live_gathered_bytes(spec: ModelSpec) -> int:
+    """16-bit parameters ZeRO-3 keeps gathered at the turn from forward to backward: up to
+    stage3_max_live_parameters of them. Once the module trace is complete, release_sub_module
+    keeps every parameter reused within stage3_max_reuse_distance (1e9) elements of the trace
+    (partitioned_param_coordinator.py __params_to_release), and one the prefetcher has already
+    queued for a later use (__most_recent_step_id_param_fetched_for); the prefetcher fills the
+    gathered set up to max_live_parameters (fetch_sub_module: max_params_to_prefetch =
+    max_n_available_params - n_available_params). So the last decoder layers of the forward and
+    the lm_head, which backward takes first, stay gathered. Measured (allocation trace):
+    d11-z3-q25-15b-hf-full-ga2-b2s2048 holds 1.009e9 elements gathered at its peak at the start
+    of backward -- the tied embedding (233M), 16 layers' attention and 50 of their MLP matrices
+    (1.88 GiB) -- where two units and the prefetch bucket count 0.87 GiB. Capped by the model
+    itself: a smaller model is gathered whole."""
+    return 2 * min(ZERO3_MAX_LIVE_PARAMS, layout(spec).params_total)
 
 
 def zero3_embedding_prefetch_bytes(spec: ModelSpec) -> int:
@@ -585,18 +611,32 @@ def zero12_norm_copy_bytes(spec: ModelSpec, setup: Setup, par: Parallel) -> int:
     return 8 * min(lay.largest_tensor, lay.params_total // par.world)
 
 
-def zero12_norm_copy_segment_bytes(par: Parallel, *, norm_copy: int, peak_parts: dict[str, int]) -> int:
-    """The reduction stream's segment for the fp64 norm copy under ZeRO-1/2 with optimizer offload
-    (`norm_copy`, zero12_norm_copy_bytes): overlap_comm reduces under `self.reduction_stream` and
-    copy_grads_in_partition takes the norm there (stage_1_and_2.py 0.19.8 reduce_ipg_grads), so the
-    copy's block belongs to that stream's pool and stays cached beside the default stream's, whose
-    blocks cannot serve it. Where the copy's moment is not the step's peak, the reserved memory adds
-    it (where it is, the peak already counts it). Measured: d11-z2off-l1b-hf-full-ga2-b2s2048 rank 0
-    keeps a 2004 MiB segment on that stream (Llama-3.2-1B's embedding, 8 bytes an element) and
-    reserves 1.97 GiB more than ranks 1-3 at the same activation peak; d7-z2off-olmo2-7b ranks 0
-    and 3 (embedding and untied lm_head) each keep a 3136 MiB one and reserve 3.4 and 2.7 GiB more
-    than ranks 1-2. The estimate is the owning rank's."""
-    if not norm_copy or par.offload == "none" or peak_parts.get("transients") == norm_copy:
+def zero12_norm_copy_segment_bytes(par: Parallel, *, norm_copy: int, peak_parts: dict[str, int],
+                                   largest_freed_block: int) -> int:
+    """The segment the fp64 norm copy of ZeRO-1/2 (`norm_copy`, zero12_norm_copy_bytes) adds to the
+    reserved memory where its moment is not the step's peak (where it is, the peak counts it).
+
+    - With optimizer offload: overlap_comm reduces under `self.reduction_stream` and
+      copy_grads_in_partition takes the norm there (stage_1_and_2.py 0.19.8 reduce_ipg_grads), so
+      the copy's block belongs to that stream's pool and stays cached beside the default stream's,
+      whose blocks cannot serve it. Measured: d11-z2off-l1b-hf-full-ga2-b2s2048 rank 0 keeps a
+      2004 MiB segment on that stream (Llama-3.2-1B's embedding, 8 bytes an element) and reserves
+      1.97 GiB more than ranks 1-3 at the same activation peak; d7-z2off-olmo2-7b ranks 0 and 3
+      (embedding and untied lm_head) each keep a 3136 MiB one and reserve 3.4 and 2.7 GiB more
+      than ranks 1-2.
+    - Without offload the copy is made on the default stream in step(), after backward freed its
+      blocks: it takes a segment of its own only where it is larger than every one of them
+      (`largest_freed_block`: the fp32 gradient partition the previous step freed, the loss's
+      vocabulary block, an MLP activation). Measured: d11-z1-g3-1b-hf-full-b1s512 rank 0 (a
+      250M-element slice of Gemma 3's embedding: 1908 MiB in fp64, against 954 MiB fp32
+      partitions and 576 MiB blocks) reserves 1.95 GiB more than ranks 2-3; d10-z1-l1b's 2004 MiB
+      copy fits its freed 2358 MiB partitions and adds no segment. An upper bound where the fp32
+      partition is then carved from the copy's freed block: d11-z2-q3-17b rank 0 keeps a 2374 MiB
+      copy segment in place of one of its 1642 MiB partition segments, 0.7 GiB more than ranks 1-3.
+    The estimate is the owning rank's."""
+    if not norm_copy or peak_parts.get("transients") == norm_copy:
+        return 0
+    if par.offload == "none" and norm_copy <= largest_freed_block:
         return 0
     return norm_copy
 
@@ -828,7 +868,11 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                                          grad_tensors=_grad_tensor_bytes(spec, setup, t) if par.engine == "ddp" else [])
     reserved = max(reserved, fsdp_loss_moment_reserved_bytes(par, gpu, m, grads_alive=grads_alive, ag_pool=ag_pool))
     reserved += accumulated_gradient_reserved_bytes(par, carried=m.carried)
-    reserved += zero12_norm_copy_segment_bytes(par, norm_copy=m.norm_copy, peak_parts=gpu[peak_phase])
+    reserved += zero12_norm_copy_segment_bytes(
+        par, norm_copy=m.norm_copy, peak_parts=gpu[peak_phase],
+        # the fp32 gradient partition, the loss's vocabulary block, an MLP output (bf16 under ZeRO)
+        largest_freed_block=max(4 * m.psi // par.world, freed_vocab_block(spec.arch, setup),
+                                2 * micro_batch_tokens(setup) * max(spec.arch.intermediate, spec.arch.dense_intermediate)))
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())

@@ -277,7 +277,8 @@ def run_case(setup: dict[str, Any], *, trace: bool = False) -> dict[str, Any]:
         if snap is not None:  # this rank's device first: summarise_trace reads device_traces[0]
             snap["device_traces"] = [snap["device_traces"][dev.index]]
             rec["trace"] = summarise_trace(snap)
-            dump_events(snap, str(setup.get("name", "case")) + (f"@r{local_rank()}" if int(setup.get("gpus", 1)) > 1 else ""))
+            # "-r0", not "@r0": the device tool brings back only plain file names
+            dump_events(snap, str(setup.get("name", "case")) + (f"-r{local_rank()}" if int(setup.get("gpus", 1)) > 1 else ""))
     return rec
 
 
