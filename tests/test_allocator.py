@@ -61,14 +61,11 @@ KNOWN_UNDER = {
     # (partitioned_param_coordinator.py allocates them under __allgather_stream); how
     # its vocabulary-sized embedding/lm_head blocks fragment there is not modelled
     "d2-z3-q7b-lora-ckpt-b2s2048@r0", "d2-z3-q7b-lora-ckpt-b2s2048@r1",
-    # held out (d12, 4 x H200), under at first measurement and not yet modelled:
-    # - the Trainer's ZeRO-3 LoRA without checkpointing: its peak allocated is 4.5 GiB under
-    #   (tests/test_validation.py KNOWN_GAPS; t14- is the traced re-run)
-    *(f"{run}-z3-l1b-hf-lora-b4s2048@r{r}" for run in ("d12", "t14") for r in range(4)),
-    # - ZeRO-2 full, Gemma 3 1B, rank 0: it keeps three 1908 MiB segments (its fp64 norm copy's
-    #   size) where ranks 1-3 keep one, and one 954 MiB partition segment fewer; the estimate counts
-    #   one copy segment (zero12_norm_copy_segment_bytes), and why the owner makes a second is not
-    #   worked out (d11-z1's rank 0 shows the same three; d11-z2-q3's rank 0 only one more)
+    # held out (d12, 4 x H200), under at first measurement and not yet modelled: ZeRO-2 full,
+    # Gemma 3 1B, rank 0 keeps three 1908 MiB segments (its fp64 norm copy's size) where ranks 1-3
+    # keep one, and one 954 MiB partition segment fewer; the estimate counts one copy segment
+    # (zero12_norm_copy_segment_bytes), and why the owner makes a second is not worked out
+    # (d11-z1's rank 0 shows the same three; d11-z2-q3's rank 0 only one more)
     "d12-z2-g3-1b-hf-full-b2s512@r0"}
 
 

@@ -534,3 +534,28 @@ def test_zero1_fp64_norm_copy_larger_than_every_freed_block_takes_a_segment_of_i
     assert zero12_norm_copy_segment_bytes(par, norm_copy=norm, peak_parts={}, largest_freed_block=norm) == 0
     d = estimate_distributed(spec, s, par)
     assert d.per_gpu_reserved_bytes == pytest.approx(12.94 * 2**30, rel=0.05)
+
+
+def test_trainer_zero3_lora_saves_fp32_adapter_inputs_without_autocast():
+    # d12-z3-l1b-hf-lora-b4s2048: the Trainer's ZeRO-3 adapters stay fp32 and DeepSpeed runs no
+    # autocast, so each targeted input is saved as an fp32 dropout output (4 B), not a 16-bit cast
+    from vramplan.distributed import zero3_fp32_adapters_without_autocast
+
+    spec = resolve_model("llama-3.2-1b")
+    par = make_parallel(gpus=4, zero=3)
+
+    def dist(**kw):
+        s = make_setup(spec, method="lora", batch_size=4, seq_len=2048, grad_checkpointing=False, **kw)
+        return s, estimate_distributed(spec, s, par)
+
+    hf, d_hf = dist(trainer="hf")
+    assert zero3_fp32_adapters_without_autocast(hf)
+    assert not zero3_fp32_adapters_without_autocast(make_setup(spec, method="lora", trainer="hf", dtype="nf4"))
+    # every layer's seven targets: 6 hidden-wide inputs and down_proj's intermediate-wide one, 2 more bytes each
+    lay = layout(spec)
+    widths = sum(lm.d_in for lm in lay.linears if lm.module in hf.lora_targets)
+    extra = 2 * widths * 4 * 2048 * lay.layers
+    plain = estimate_distributed(spec, make_setup(spec, method="lora", trainer="hf", batch_size=4, seq_len=2048,
+                                                  grad_checkpointing=False), make_parallel(gpus=4, zero=2))
+    assert d_hf.gpu_parts["activations"] - plain.gpu_parts["activations"] >= extra
+    assert d_hf.per_gpu_peak_allocated_bytes == pytest.approx(39.10 * 2**30, rel=0.02)

@@ -27,13 +27,6 @@ KNOWN_GAPS: dict[str, tuple[float, float]] = {
     # embedding-sized 576 MiB blocks -- the gradient, allreduce_bucket's flatten copy, and one not
     # yet explained. Ranks 2-3 peak at the loss and are within 1%. t13-: its traced re-run.
     **{f"{run}-z1-g3-1b-hf-full-b1s512@r{r}": (-0.08, -0.06) for run in ("d11", "t13") for r in (0, 1)},
-    # ZeRO-3 LoRA under the Trainer without checkpointing (Llama-3.2-1B, 4 x 2048 tokens; 4 x H200,
-    # held out, and t14- its traced re-run): 4.5 GiB under at the loss. The Trainer's ZeRO-3 LoRA
-    # adapters stay fp32 (trainable_dtypes float32; TRL's and ZeRO-1/2's are bf16), so every
-    # adapter's input is copied to fp32 before its dropout and both stay saved in all 16 layers
-    # (traced: 112 x 64 + 16 x 256 MiB dropout outputs, 93 x 16 MiB masks); which of them the
-    # single-GPU terms plus ZeRO-3's Linear miss is not yet worked out.
-    **{f"{run}-z3-l1b-hf-lora-b4s2048@r{r}": (-0.14, -0.11) for run in ("d12", "t14") for r in range(4)},
 }
 
 

@@ -10,7 +10,7 @@ vramplan.streams.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -70,11 +70,15 @@ class LayerActs:
 
 
 def layer_tensors(arch: ArchConfig, lay: Layout, setup: Setup, group: LayerGroup | None = None, *,
-                  zero3_linear: bool = False) -> OpTensors:
+                  zero3_linear: bool = False, engine_autocast: bool = True) -> OpTensors:
     """Every operation of one decoder layer (of `group`; default the most numerous layer type)
     with the tensors it keeps; their bytes at the setup's micro-batch are `t.nbytes(dims_of(setup))`.
-    `zero3_linear`: under DeepSpeed ZeRO-3's Linear (vramplan.ops.op_context)."""
+    `zero3_linear`: under DeepSpeed ZeRO-3's Linear (vramplan.ops.op_context); `engine_autocast`
+    False: an engine that runs forward without torch.autocast (DeepSpeed's bf16 mode), so fp32
+    adapters are not autocast (vramplan.ops.lora.adapter_input)."""
     dt = stream_dtypes(setup)
+    if not engine_autocast:
+        dt = replace(dt, lora_autocast=False)
     c = op_context(arch, lay, setup, dt=dt, kernel=attention_kernel(arch, setup, dt), group=group, zero3_linear=zero3_linear)
     return tuple([(name, op(c)) for name, op in LAYER_OPS])
 
@@ -173,25 +177,28 @@ _CACHE_MAX = 4096
 _CACHE: dict[tuple[int, int, tuple[Any, ...], bool], tuple[ArchConfig, Layout, tuple[tuple[LayerGroup, LayerSizes], ...]]] = {}
 
 
-def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup, *,
-                 zero3_linear: bool = False) -> tuple[tuple[LayerGroup, LayerSizes], ...]:
+def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup, *, zero3_linear: bool = False,
+                 engine_autocast: bool = True) -> tuple[tuple[LayerGroup, LayerSizes], ...]:
     """Each layer type's sizes, once per arch, layout and shape-free setup."""
-    key = (id(arch), id(lay), _SHAPELESS(setup), zero3_linear)
+    key = (id(arch), id(lay), _SHAPELESS(setup), zero3_linear, engine_autocast)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] is arch and hit[1] is lay:
         return hit[2]
-    sizes = tuple((g, layer_sizes(layer_tensors(arch, lay, setup, g, zero3_linear=zero3_linear))) for g in lay.groups)
+    sizes = tuple((g, layer_sizes(layer_tensors(arch, lay, setup, g, zero3_linear=zero3_linear,
+                                                 engine_autocast=engine_autocast))) for g in lay.groups)
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
     _CACHE[key] = (arch, lay, sizes)
     return sizes
 
 
-def layer_saved_by_group(arch: ArchConfig, lay: Layout, setup: Setup, *, zero3_linear: bool = False) -> list[tuple[int, int]]:
+def layer_saved_by_group(arch: ArchConfig, lay: Layout, setup: Setup, *, zero3_linear: bool = False,
+                         engine_autocast: bool = True) -> list[tuple[int, int]]:
     """(layers of the type, bytes one such layer saves for backward) for each layer type;
-    `zero3_linear` as vramplan.ops.op_context."""
+    `zero3_linear` and `engine_autocast` as layer_tensors."""
     d = dims_of(setup)
-    return [(g.count, layer_figures(sz, d).saved) for g, sz in _stack_sizes(arch, lay, setup, zero3_linear=zero3_linear)]
+    return [(g.count, layer_figures(sz, d).saved)
+            for g, sz in _stack_sizes(arch, lay, setup, zero3_linear=zero3_linear, engine_autocast=engine_autocast)]
 
 
 def _as_first_layer(layer: LayerActs, setup: Setup) -> LayerActs:

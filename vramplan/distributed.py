@@ -38,6 +38,7 @@ from vramplan.arch import ModelSpec
 from vramplan.errors import VramplanError
 from vramplan.estimator import Estimate, estimate_setup
 from vramplan.layout import Layout, layout
+from vramplan.methods import adapter_bytes
 from vramplan.optimizers import OPTIMIZERS
 from vramplan.reserved import freed_vocab_block
 from vramplan.setup import Setup
@@ -381,8 +382,9 @@ def zero3_linear_terms(spec: ModelSpec, setup: Setup, t: dict[str, int]) -> dict
     layer being recomputed. Measured: d5-z3-q3-4b-trl-lora-nockpt-b2s1024 peaked 2.49 GiB above the
     estimate without them, against 2.04 GiB of such inputs over its 36 layers (-11.4% -> -2.1%)."""
     lay = layout(spec)
-    extra = [(n, z3 - plain) for (n, plain), (_, z3) in zip(layer_saved_by_group(spec.arch, lay, setup),
-                                                             layer_saved_by_group(spec.arch, lay, setup, zero3_linear=True),
+    z3_saved = layer_saved_by_group(spec.arch, lay, setup, zero3_linear=True,
+                                    engine_autocast=not zero3_fp32_adapters_without_autocast(setup))
+    extra = [(n, z3 - plain) for (n, plain), (_, z3) in zip(layer_saved_by_group(spec.arch, lay, setup), z3_saved,
                                                              strict=True)]
     one = max(e for _, e in extra)
     if not one:
@@ -391,6 +393,18 @@ def zero3_linear_terms(spec: ModelSpec, setup: Setup, t: dict[str, int]) -> dict
         return {**t, "layer_live": t["layer_live"] + one, "acts_bwd_top": t["acts_bwd_top"] + one}
     every = sum(n * e for n, e in extra)
     return {**t, **{k: t[k] + every for k in ("acts_fwd_peak", "acts_bwd_loss", "acts_bwd_top")}}
+
+
+def zero3_fp32_adapters_without_autocast(setup: Setup) -> bool:
+    """The Trainer's LoRA under ZeRO-3 keeps fp32 adapters and runs them without autocast. peft
+    builds them in fp32 (autocast_adapter_dtype) after zero.Init, and every record of it reports
+    trainable dtypes float32 (TRL's, and ZeRO-1/2's, whose engine casts the module, report bfloat16);
+    DeepSpeed's bf16 mode runs forward without torch.autocast, so each adapter saves its fp32
+    dropout output where autocast would save a 16-bit cast (vramplan.ops.lora.adapter_input).
+    Measured: d12-z3-l1b-hf-lora-b4s2048, 4.5 GiB above the estimate without it at 8192 tokens;
+    its trace (t14-) holds 96 x 64 + 16 x 256 MiB fp32 dropout outputs at the peak. A 4-bit base
+    is left out: its records (d7-z3-q3-8b, d8-z3-olmo2-7b) are within 4% without it."""
+    return setup.trainer == "hf" and setup.method == "lora" and not setup.quantised and adapter_bytes(setup) == 4
 
 
 def zero3_reentrant_held_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, frozen_bytes: int) -> int:
