@@ -174,7 +174,7 @@ def first_layer_needs_input_grad(setup: Setup) -> bool:
 # and setup without those two; a planner's bisection over them reuses one. Cleared at _CACHE_MAX.
 _SHAPELESS = attrgetter(*(f for f in Setup.__dataclass_fields__ if f not in ("batch_size", "seq_len")))
 _CACHE_MAX = 4096
-_CACHE: dict[tuple[int, int, tuple[Any, ...], bool], tuple[ArchConfig, Layout, tuple[tuple[LayerGroup, LayerSizes], ...]]] = {}
+_CACHE: dict[tuple[int, int, tuple[Any, ...], bool, bool], tuple[ArchConfig, Layout, tuple[tuple[LayerGroup, LayerSizes], ...]]] = {}
 
 
 def _stack_sizes(arch: ArchConfig, lay: Layout, setup: Setup, *, zero3_linear: bool = False,

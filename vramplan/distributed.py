@@ -347,10 +347,8 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     # at the turn from forward to backward ZeRO-3 holds what its coordinator kept gathered
     turn = max(gathered, zero3_live_gathered_bytes(spec)) if stage == 3 else gathered
     at_turn = max(t["acts_bwd_loss"], t["acts_bwd_top"])
-    if turn + at_turn >= gathered + bwd_grads:
-        backward = {**fixed, "gathered_params": turn, "accumulated_gradients": carried, "activations": at_turn}
-    else:
-        backward = {**fixed, "gathered_params": gathered, "accumulated_gradients": carried, "activations": bwd_grads}
+    g, a = (turn, at_turn) if turn + at_turn >= gathered + bwd_grads else (gathered, bwd_grads)
+    backward = {**fixed, "gathered_params": g, "accumulated_gradients": carried, "activations": a}
     if norm_copy and par.offload != "none":
         # the boundary's reduce of the largest tensor, last of backward: its 16-bit gradient and
         # the fp64 copy of its slice (zero12_norm_copy_bytes), past every activation
@@ -693,16 +691,19 @@ def zero_reserved_extra_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, t
     flat = 4 * (min(part, ZERO3_SUB_GROUP_PARAMS) if par.zero == 3 else part)
     # heads.hf_loss_head: logits.float(), the log_softmax output and its gradients, each
     # 4 B x tokens x vocab; TRL's and Liger's fused heads make no vocabulary-sized tensor
-    tokens = micro_batch_tokens(setup)
     vocab_block = freed_vocab_block(spec.arch, setup)
-    # the largest activation block: an MLP projection's output, tokens x intermediate in bf16
-    # (ZeRO runs the model in bf16, ENGINE_PRECISION)
-    act_block = 2 * tokens * max(spec.arch.intermediate, spec.arch.dense_intermediate)
+    act_block = largest_activation_block_bytes(spec, setup)
     first = first_step_flat_bytes(flat_bytes=flat, states=states, vocab_block_bytes=vocab_block,
                                   activation_block_bytes=act_block)
     if flat > vocab_block and first:  # own segments: the first step's backward plus the fp32 gradient
         first = max(0, backward_bytes + first - peak_bytes)
     return pool + first
+
+
+def largest_activation_block_bytes(spec: ModelSpec, setup: Setup) -> int:
+    """The largest activation block of a ZeRO step: an MLP projection's output, tokens x
+    intermediate in bf16 (ZeRO runs the model in bf16, ENGINE_PRECISION)."""
+    return 2 * micro_batch_tokens(setup) * max(spec.arch.intermediate, spec.arch.dense_intermediate)
 
 
 def fsdp_reduce_scatter_pool_bytes(par: Parallel, trainable_params: int, *, grads_alive: bool) -> int:
@@ -884,9 +885,9 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
     reserved += accumulated_gradient_reserved_bytes(par, carried=m.carried)
     reserved += zero12_norm_copy_segment_bytes(
         par, norm_copy=m.norm_copy, peak_parts=gpu[peak_phase],
-        # the fp32 gradient partition, the loss's vocabulary block, an MLP output (bf16 under ZeRO)
+        # the fp32 gradient partition, the loss's vocabulary block, an MLP output
         largest_freed_block=max(4 * m.psi // par.world, freed_vocab_block(spec.arch, setup),
-                                2 * micro_batch_tokens(setup) * max(spec.arch.intermediate, spec.arch.dense_intermediate)))
+                                largest_activation_block_bytes(spec, setup)))
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())
