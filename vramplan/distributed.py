@@ -192,7 +192,7 @@ def unsharded_quantised_bytes(spec: ModelSpec, setup: Setup, par: Parallel) -> i
                              double_quant=setup.double_quant, quantised=True).quantised_bytes
 
 
-def _unit_bytes(spec: ModelSpec, tied_trainable: bool) -> int:
+def _unit_bytes(spec: ModelSpec) -> int:
     """Largest all-gathered unit in 16-bit: a decoder layer, or the (tied) embedding."""
     return 2 * max(layout(spec).params_per_layer, spec.arch.vocab * spec.arch.hidden)
 
@@ -234,7 +234,7 @@ def _fsdp_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro) -> tup
     tr = 4 * psi // shard if m.foreach else 0
     gathered = 0
     if par.fsdp == "full_shard":
-        gathered = _unit_bytes(spec, setup.method in ("full", "galore") and spec.arch.tied)  # the unit being computed
+        gathered = _unit_bytes(spec)  # the unit being computed
     elif par.fsdp == "shard_grad_op":
         gathered = 2 * psi + m.frozen  # every unit unsharded in bf16 between its forward and backward
     cpu: dict[str, int] = {}
@@ -321,7 +321,7 @@ def _zero_phases(spec: ModelSpec, setup: Setup, par: Parallel, m: _Micro, ddp_mi
     gathered = 0
     if stage == 3:
         # the gathered unit, its 16-bit gradient before reduce-scatter, and the prefetch bucket
-        gathered = 2 * _unit_bytes(spec, False) + int(0.9 * spec.arch.hidden ** 2) * 2
+        gathered = 2 * _unit_bytes(spec) + int(0.9 * spec.arch.hidden ** 2) * 2
     if par.offload != "none" and stage in (1, 2):
         # with offload the contiguous gradient bucket is sized to hold the largest parameter's
         # gradient (measured: +0.74 GiB = the 3B model's tied embedding, in bf16)
@@ -816,6 +816,29 @@ def _nccl_engine(par: Parallel) -> str:
     return "zero3" if par.zero == 3 else "zero12"
 
 
+def _engine_notes(par: Parallel, m: _Micro, held: int) -> tuple[str, ...]:
+    """What an estimate under `par` says of the engine's own memory: 4-bit weights it keeps whole
+    (`m.unsharded`), TRL's reentrant hold under ZeRO-3 (`held`), FSDP2's unsynced accumulation."""
+    notes = []
+    if m.unsharded:
+        why = ("accelerate's FSDP2 leaves uint8 Params4bit unsharded (--quant-storage bf16, bnb_4bit_quant_storage, "
+               "shards them)" if par.engine == "fsdp" else
+               "transformers builds a quantised model outside deepspeed.zero.Init and DeepSpeed keeps the 4-bit weights "
+               "whole (measured with 0.19.8)")
+        notes.append(f"the 4-bit weights ({fmt_gib(m.unsharded)}) stay whole on every GPU: {why}")
+    if held:
+        notes.append(
+            f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed (measured with 0.19.8) "
+            f"keeps every frozen layer weight gathered from its recompute to the optimizer step: {fmt_gib(held)} per "
+            f"GPU; Trainer's non-reentrant checkpointing or ZeRO-2 avoid it")
+    if m.carried and par.engine == "fsdp":
+        notes.append(
+            f"gradient accumulation under FSDP2: the earlier micro-batches run without gradient sync, so every GPU "
+            f"keeps the whole unsharded gradient ({fmt_gib(m.carried)}) until the last one; sync_each_batch=True in "
+            f"accelerate's GradientAccumulationPlugin reduce-scatters each micro-batch instead")
+    return tuple(notes)
+
+
 def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> DistributedEstimate:
     """Per-GPU and host memory of `setup` (per-GPU micro-batch) under `par`."""
     # ZeRO/FSDP run the model in bf16 without autocast (ENGINE_PRECISION): pure-bf16 activations.
@@ -838,22 +861,9 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                carried=accumulated_gradient_bytes(setup, par, single_accum=t["accum"], partition=2 * psi // par.world),
                norm_copy=zero12_norm_copy_bytes(spec, setup, par))
     held = zero3_reentrant_held_bytes(spec, setup, par, frozen_bytes=m.frozen)
-    if whole:
-        why = ("accelerate's FSDP2 leaves uint8 Params4bit unsharded (--quant-storage bf16, bnb_4bit_quant_storage, "
-               "shards them)" if par.engine == "fsdp" else
-               "transformers builds a quantised model outside deepspeed.zero.Init and DeepSpeed keeps the 4-bit weights "
-               "whole (measured with 0.19.8)")
-        single = replace(single, notes=(*single.notes, f"the 4-bit weights ({fmt_gib(whole)}) stay whole on every GPU: {why}"))
-    if held:
-        single = replace(single, notes=(*single.notes, (
-            f"TRL forces reentrant checkpointing for PEFT under ZeRO-3 (trl#4951), and DeepSpeed (measured with 0.19.8) "
-            f"keeps every frozen layer weight gathered from its recompute to the optimizer step: {fmt_gib(held)} per "
-            f"GPU; Trainer's non-reentrant checkpointing or ZeRO-2 avoid it")))
-    if m.carried and par.engine == "fsdp":
-        single = replace(single, notes=(*single.notes, (
-            f"gradient accumulation under FSDP2: the earlier micro-batches run without gradient sync, so every GPU "
-            f"keeps the whole unsharded gradient ({fmt_gib(m.carried)}) until the last one; sync_each_batch=True in "
-            f"accelerate's GradientAccumulationPlugin reduce-scatters each micro-batch instead")))
+    notes = _engine_notes(par, m, held)
+    if notes:
+        single = replace(single, notes=(*single.notes, *notes))
     gpu, cpu = _fsdp_phases(spec, setup, par, m) if par.engine == "fsdp" else _zero_phases(spec, setup, par, m, ddp_mixed, held)
     for parts in gpu.values():
         parts["cublas_workspace"] = t["workspace"]
