@@ -37,7 +37,7 @@ def main() -> None:
 
 # Traced runs the model was changed from: their setups count as in-sample (t6-* keep their
 # allocator histories too, but at the time of writing no term was read off them).
-USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "t13-", "t14-", "m1-", "m2-", "d2-", "d3-")
+USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "t13-", "t14-", "t15-", "m1-", "m2-", "d2-", "d3-")
 # t7-* re-runs of setups measured before (to read their allocator histories): in-sample
 HELD_OUT = ("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-",  # matrices committed before they ran
             "d4-", "d7-", "d8-", "d9-", "d10-", "d11-", "d12-", "d13-")
@@ -55,7 +55,8 @@ RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 # From d9: gradients carried between micro-batches under DDP (d9-ddp-g2-2b-...-ga2) and ZeRO-1/2's
 # fp64 norm copy of the largest gradient slice (d9-z2off-g3-12b); from d10, the carried gradients'
 # blocks that DDP and FSDP2 reserve again (d10-fsdp-l1b); from d11, the fp64 norm copy's segment on
-# the reduction stream under ZeRO-2 offload (d11-z2off-l1b).
+# the reduction stream under ZeRO-2 offload (d11-z2off-l1b); from d12's trace (t15), the norm
+# copy's segment a state strands and the loss block the cuBLAS workspace strands (d12-z2-g3-1b).
 USED_HELD_OUT = {"d4-z2-gran2b-hf-full-ckpt-b4s2048", "d4-fsdp-q3-4b-hf-full-ckpt-b2s2048",
                  "d4-fsdp-g2-2b-trl-full-b4s1024", "d4-z3-l8b-trl-lora-b2s2048", "t12-q3-4b-trl-qlora-b4s2048",
                  "t12-g2-9b-trl-qlora-b2s2048", "t12-q25-14b-trl-qlora-b1s8192", "d4-ddp-q3-17b-trl-full-b4s2048",
@@ -66,7 +67,8 @@ USED_HELD_OUT = {"d4-z2-gran2b-hf-full-ckpt-b4s2048", "d4-fsdp-q3-4b-hf-full-ckp
                  "d8-z3-olmo2-7b-hf-qlora-ckpt-b2s2048", "d9-ddp-g2-2b-hf-full-ckpt-ga2-b4s2048",
                  "d9-z2off-g3-12b-hf-full-ckpt-b1s2048", "d10-fsdp-l1b-hf-full-ga2-b2s1024",
                  "d11-z2off-l1b-hf-full-ga2-b2s2048", "d11-z3-q25-15b-hf-full-ga2-b2s2048",
-                 "d11-z1-g3-1b-hf-full-b1s512", "d12-z3-l1b-hf-lora-b4s2048"}
+                 "d11-z1-g3-1b-hf-full-b1s512", "d12-z3-l1b-hf-lora-b4s2048",
+                 "d12-z2-g3-1b-hf-full-b2s512"}
 RESERVED_BASELINE = Path(__file__).resolve().parent.parent / "data" / "reserved_baseline.json"
 
 

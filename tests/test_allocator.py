@@ -17,6 +17,7 @@ from vramplan.allocator import (
     StepPools,
     device_total_on,
     first_step_flat_bytes,
+    first_step_states_past_vocab_blocks,
     nccl_bytes,
     packed_segment_bytes,
     peak_reserved_bytes,
@@ -60,13 +61,7 @@ KNOWN_UNDER = {
     # ZeRO-3 LoRA: the gathered frozen parameters live in the all-gather stream's pool
     # (partitioned_param_coordinator.py allocates them under __allgather_stream); how
     # its vocabulary-sized embedding/lm_head blocks fragment there is not modelled
-    "d2-z3-q7b-lora-ckpt-b2s2048@r0", "d2-z3-q7b-lora-ckpt-b2s2048@r1",
-    # held out (d12, 4 x H200), under at first measurement and not yet modelled: ZeRO-2 full,
-    # Gemma 3 1B, rank 0 keeps three 1908 MiB segments (its fp64 norm copy's size) where ranks 1-3
-    # keep one, and one 954 MiB partition segment fewer; the estimate counts one copy segment
-    # (zero12_norm_copy_segment_bytes), and why the owner makes a second is not worked out
-    # (d11-z1's rank 0 shows the same three; d11-z2-q3's rank 0 only one more)
-    "d12-z2-g3-1b-hf-full-b2s512@r0"}
+    "d2-z3-q7b-lora-ckpt-b2s2048@r0", "d2-z3-q7b-lora-ckpt-b2s2048@r1"}
 
 
 def test_request_rounding_follows_round_size():
@@ -113,10 +108,19 @@ def test_side_stream_pool_is_its_own_segments():
 
 
 def test_first_step_flat_states_strand_whole_vocab_blocks_or_add_a_segment():
-    kw = {"states": 2, "vocab_block_bytes": 4008 * MiB, "activation_block_bytes": 128 * MiB}
+    kw = {"states": 2, "vocab_block_bytes": 4008 * MiB, "vocab_blocks": 3, "activation_block_bytes": 128 * MiB}
     assert first_step_flat_bytes(flat_bytes=64 * MiB, **kw) == 0  # carved from an activation block
     assert first_step_flat_bytes(flat_bytes=2357 * MiB, **kw) == 2 * (4008 - 2357) * MiB
     assert first_step_flat_bytes(flat_bytes=6000 * MiB, **kw) == 6000 * MiB
+
+
+def test_first_step_gradient_partition_takes_a_vocab_block_before_the_states():
+    kw = {"flat_bytes": 954 * MiB, "states": 2, "vocab_block_bytes": 1024 * MiB, "activation_block_bytes": 14 * MiB}
+    # two free loss blocks: the gradient partition takes one, one state strands the other
+    assert first_step_flat_bytes(vocab_blocks=2, **kw) == (1024 - 954) * MiB
+    assert first_step_flat_bytes(vocab_blocks=3, **kw) == 2 * (1024 - 954) * MiB
+    assert first_step_states_past_vocab_blocks(states=2, vocab_blocks=2) == 1
+    assert first_step_states_past_vocab_blocks(states=2, vocab_blocks=0) == 2
 
 
 def test_zero12_reduction_stream_pool_needs_overlap_comm():

@@ -536,6 +536,36 @@ def test_zero1_fp64_norm_copy_larger_than_every_freed_block_takes_a_segment_of_i
     assert d.per_gpu_reserved_bytes == pytest.approx(12.94 * 2**30, rel=0.05)
 
 
+def test_zero2_state_carved_from_the_norm_copy_block_makes_later_copies_take_a_second_segment():
+    # t15-z2-g3-1b-hf-full-b2s512 rank 0 (Gemma 3 1B, 4 ranks): the 954 MiB fp32 gradient partition
+    # and exp_avg take the two 1024 MiB loss blocks the cuBLAS workspace left whole, exp_avg_sq is
+    # carved from step 1's 1908 MiB copy segment, and step 2's copy takes a second one: 15892 MiB
+    # reserved, 17993 MiB on the device
+    from vramplan.distributed import first_step_vocab_blocks, zero12_copy_block_stranded_bytes
+
+    spec = resolve_model("gemma-3-1b")
+    s = make_setup(spec, method="full", trainer="hf", optimizer="adamw-fused", batch_size=2, seq_len=512,
+                   hold_outputs=False)
+    par = make_parallel(gpus=4, zero=2)
+    flat = 4 * (layout(spec).params_total // 4)
+    assert first_step_vocab_blocks(spec, s, flat_bytes=flat) == 2
+    norm = zero12_norm_copy_bytes(spec, s, par)
+    assert zero12_copy_block_stranded_bytes(spec, s, par, copy_segment=norm, flat_bytes=flat, states=2) == norm - flat
+    # no copy segment, or flats larger than the loss blocks (d11-z1: gradient + state fill it): none
+    assert zero12_copy_block_stranded_bytes(spec, s, par, copy_segment=0, flat_bytes=flat, states=2) == 0
+    short = make_setup(spec, method="full", trainer="hf", optimizer="adamw-fused", batch_size=1, seq_len=512,
+                       hold_outputs=False)
+    assert zero12_copy_block_stranded_bytes(spec, short, make_parallel(gpus=4, zero=1), copy_segment=norm,
+                                            flat_bytes=flat, states=2) == 0
+    d = estimate_distributed(spec, s, par)
+    assert 15892 * 2**20 > d.per_gpu_reserved_bytes > 0.95 * 15892 * 2**20
+    assert d.per_gpu_device_total_bytes > 0.95 * 17993 * 2**20
+    # Llama-3.2-1B's 501 MiB gradient leaves 3475 MiB of its 4008 MiB block, room for a 2357 MiB flat
+    llama = resolve_model("llama-3.2-1b")
+    ls = make_setup(llama, method="full", trainer="plain", batch_size=4, seq_len=2048, grad_checkpointing=True)
+    assert first_step_vocab_blocks(llama, ls, flat_bytes=2357 * 2**20) == 3
+
+
 def test_trainer_zero3_lora_saves_fp32_adapter_inputs_without_autocast():
     # d12-z3-l1b-hf-lora-b4s2048: the Trainer's ZeRO-3 adapters stay fp32 and DeepSpeed runs no
     # autocast, so each targeted input is saved as an fp32 dropout output (4 B), not a 16-bit cast

@@ -193,7 +193,8 @@ def side_stream_pool_bytes(*, tensor_bytes: Iterable[int]) -> int:
     return packed_segment_bytes(tensor_bytes=tensor_bytes)
 
 
-def first_step_flat_bytes(*, flat_bytes: int, states: int, vocab_block_bytes: int, activation_block_bytes: int) -> int:
+def first_step_flat_bytes(*, flat_bytes: int, states: int, vocab_block_bytes: int, vocab_blocks: int,
+                          activation_block_bytes: int) -> int:
     """Reserved beyond the steady peak plus the micro-batch's own slack when an optimizer keeps its
     states as a few flat tensors of `flat_bytes` each (DeepSpeed ZeRO: one fp32 partition per
     parameter group or sub-group) created in the first step's optimizer step, beside an fp32
@@ -209,12 +210,21 @@ def first_step_flat_bytes(*, flat_bytes: int, states: int, vocab_block_bytes: in
       high-water mark is the backward's segments plus states plus the fp32 gradient partition,
       whose segment later steps' smaller buffers reuse: one `flat_bytes` beyond the steady peak
       (d2-z1-l1b-full-b4s1024: 2357 MiB partitions against 2004 MiB logits blocks; reserved
-      reaches its final 26984 MiB in step 1, at 17617 MiB allocated)."""
+      reaches its final 26984 MiB in step 1, at 17617 MiB allocated).
+    The fp32 gradient partition comes first and takes one of the `vocab_blocks` free ones; states
+    beyond the rest go elsewhere (first_step_states_past_vocab_blocks)."""
     if flat_bytes <= activation_block_bytes:
         return 0
     if flat_bytes <= vocab_block_bytes:
-        return states * (vocab_block_bytes - flat_bytes)
+        return (states - first_step_states_past_vocab_blocks(states=states, vocab_blocks=vocab_blocks)) \
+            * (vocab_block_bytes - flat_bytes)
     return segment_bytes(size_bytes=flat_bytes)
+
+
+def first_step_states_past_vocab_blocks(*, states: int, vocab_blocks: int) -> int:
+    """How many of the first step's `states` flat tensors find no free vocabulary-sized block: the
+    fp32 gradient partition, made before them, takes the first of the `vocab_blocks`."""
+    return states - min(states, max(0, vocab_blocks - 1))
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ from typing import Any, NamedTuple
 
 from vramplan.activations import checkpoint_bytes, layer_saved_by_group
 from vramplan.allocator import (
+    HOPPER_CUBLAS_WORKSPACE_BYTES,
     first_step_flat_bytes,
+    first_step_states_past_vocab_blocks,
     layer_tensor_bytes,
     nccl_bytes,
     packed_segment_bytes,
@@ -694,10 +696,60 @@ def zero_reserved_extra_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, t
     vocab_block = freed_vocab_block(spec.arch, setup)
     act_block = largest_activation_block_bytes(spec, setup)
     first = first_step_flat_bytes(flat_bytes=flat, states=states, vocab_block_bytes=vocab_block,
+                                  vocab_blocks=first_step_vocab_blocks(spec, setup, flat_bytes=flat),
                                   activation_block_bytes=act_block)
     if flat > vocab_block and first:  # own segments: the first step's backward plus the fp32 gradient
         first = max(0, backward_bytes + first - peak_bytes)
     return pool + first
+
+
+# heads.hf_loss_head: transformers' loss frees three fp32 vocabulary-sized blocks before the layers'
+# backward: logits.float(), the log_softmax output it saved, and that output's gradient
+HF_LOSS_VOCAB_BLOCKS = 3
+
+
+def first_step_vocab_blocks(spec: ModelSpec, setup: Setup, *, flat_bytes: int) -> int:
+    """How many freed vocabulary-sized blocks (reserved.freed_vocab_block) can still take one of
+    the first step's flat tensors of `flat_bytes` (allocator.first_step_flat_bytes): the loss's
+    HF_LOSS_VOCAB_BLOCKS, less one where a full fine-tune's backward cuts the lm_head weight
+    gradient (2 B x vocab x hidden, its first matmul's output) from one of them and the autograd
+    thread's cuBLAS workspace, allocated in that same call, lands right behind it and stays for the
+    run, leaving no free piece of the block that large. Traced: t15-z2-g3-1b-hf-full-b2s512
+    (Gemma-3-1B, 1024 MiB blocks) keeps that 32 MiB workspace at offset 576 MiB of one of them from
+    step 1's backward on, and its 954 MiB flats find two blocks; d2-z2-l1b-full-ckpt-b4s2048's
+    2357 MiB flats still fit the 3475 MiB behind Llama-3.2-1B's 501 MiB gradient, and its two
+    states strand two blocks. 0 with a fused head, which frees none."""
+    block = freed_vocab_block(spec.arch, setup)
+    if not block:
+        return 0
+    grad = 2 * spec.arch.vocab * spec.arch.hidden
+    if setup.method not in ("full", "galore") or grad > block:
+        return HF_LOSS_VOCAB_BLOCKS
+    largest_piece = max(grad, block - grad - HOPPER_CUBLAS_WORKSPACE_BYTES)
+    return HF_LOSS_VOCAB_BLOCKS - (largest_piece < flat_bytes)
+
+
+def zero12_copy_block_stranded_bytes(spec: ModelSpec, setup: Setup, par: Parallel, *, copy_segment: int,
+                                     flat_bytes: int, states: int) -> int:
+    """What a state strands of the fp64 norm copy's own segment (`copy_segment`,
+    zero12_norm_copy_segment_bytes, without offload). step() frees the copy before it makes the fp32
+    gradient partition, and torch's Adam makes its states in its first step (`_init_group`), all
+    flat tensors of `flat_bytes`: best fit gives them the freed vocabulary blocks first
+    (first_step_vocab_blocks), and a state left over is carved from the copy's block, which it
+    then holds for the run, so every later step's copy takes a fresh segment and the rest of this
+    one is stranded. Traced: t15-z2-g3-1b-hf-full-b2s512 rank 0 (its partition a 250M-element
+    slice of Gemma 3's embedding; 1908 MiB copy, 954 MiB flats, two free 1024 MiB loss blocks)
+    puts exp_avg_sq in step 1's copy segment and takes a second 1908 MiB one in step 2: ranks 1-3
+    keep one 954 MiB segment where it keeps two 1908 MiB ones. Where the flats outgrow the loss
+    blocks, the gradient partition is cut from the copy's block first and a state beside it fills
+    it (d11-z1-g3-1b-hf-full-b1s512 rank 0: 954 + 954 MiB in 1908), which the first step's own
+    segment for the gradient stands for: 0 there."""
+    if not copy_segment or par.offload != "none" or flat_bytes > freed_vocab_block(spec.arch, setup):
+        return 0
+    vocab_blocks = first_step_vocab_blocks(spec, setup, flat_bytes=flat_bytes)
+    carved = min(first_step_states_past_vocab_blocks(states=states, vocab_blocks=vocab_blocks),
+                 copy_segment // flat_bytes)
+    return copy_segment - carved * flat_bytes if carved else 0
 
 
 def largest_activation_block_bytes(spec: ModelSpec, setup: Setup) -> int:
@@ -893,11 +945,13 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                                          grad_tensors=_grad_tensor_bytes(spec, setup, t) if par.engine == "ddp" else [])
     reserved = max(reserved, fsdp_loss_moment_reserved_bytes(par, gpu, m, grads_alive=grads_alive, ag_pool=ag_pool))
     reserved += accumulated_gradient_reserved_bytes(par, carried=m.carried)
-    reserved += zero12_norm_copy_segment_bytes(
+    copy_segment = zero12_norm_copy_segment_bytes(
         par, norm_copy=m.norm_copy, peak_parts=gpu[peak_phase],
         # the fp32 gradient partition, the loss's vocabulary block, an MLP output
         largest_freed_block=max(4 * m.psi // par.world, freed_vocab_block(spec.arch, setup),
                                 largest_activation_block_bytes(spec, setup)))
+    reserved += copy_segment + zero12_copy_block_stranded_bytes(spec, setup, par, copy_segment=copy_segment,
+                                                                flat_bytes=4 * m.psi // par.world, states=m.states)
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())
