@@ -168,3 +168,25 @@ def test_sweep_timeout_kills_the_launchs_child_processes(tmp_path, monkeypatch):
             break
         time.sleep(0.1)
     assert not running(), "the launch's child still runs after the case timed out"
+
+
+def test_sweep_timeout_returns_while_an_escaped_child_still_holds_its_output(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from vramplan.profiler import sweep
+
+    pidfile = tmp_path / "child.pid"
+    # a child in a session of its own survives the kill of the launch's group (as a rank stuck in
+    # the driver outlives SIGKILL) and keeps the launch's stdout and stderr open
+    cmd = f"setsid sleep 30 & echo $! > {pidfile}; echo 'stage: model built' >&2; wait"
+    monkeypatch.setattr(sweep, "launch_command", lambda setup: ["bash", "-c", cmd])
+    t0 = time.monotonic()
+    try:
+        recs = sweep.run_one({"name": "x"}, timeout_s=1)
+    finally:
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    assert time.monotonic() - t0 < 10, "the sweep waited for the escaped child's output"
+    assert recs[0]["status"] == "timeout"
+    assert "stage: model built" in recs[0]["stderr_tail"]

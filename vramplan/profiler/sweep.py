@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,18 +82,27 @@ def run_one(setup: dict[str, Any], *, timeout_s: float) -> list[dict[str, Any]]:
     # OMP threads for CPU-side optimizer steps under offload (torchrun would set 1)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "8"))
-    # its own process group: a timed-out torchrun's ranks would otherwise outlive it and hold their
-    # GPUs' memory into the next case (d9-fsdp-gran2b's first launch left 11.3 GiB on GPUs 1-3)
-    with subprocess.Popen(launch_command(setup), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, stderr = proc.communicate()
-            # the tail says where it spent the time (the workers' stage lines, trainer_worker._stage)
-            return [{"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s",
-                     "stderr_tail": (stderr or "")[-1500:]}]
+    # Output goes to files, not pipes: a rank stuck in the driver outlives SIGKILL and would hold a
+    # pipe open, so reading it would wait as long (d9-fsdp-l8b's QLoRA held its call to the device's
+    # own limit and its stage lines were lost). Its own process group: a timed-out torchrun's ranks
+    # would otherwise outlive it and hold their GPUs' memory into the next case (d9-fsdp-gran2b's
+    # first launch left 11.3 GiB on GPUs 1-3).
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        with subprocess.Popen(launch_command(setup), stdout=out, stderr=err, text=True, env=env,
+                              start_new_session=True) as proc:
+            try:
+                proc.wait(timeout=timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                timed_out = True
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        # the tail says where it spent the time (the workers' stage lines, trainer_worker._stage)
+        return [{"setup": setup, "status": "timeout", "error": f"case ran past {timeout_s:.0f} s",
+                 "stderr_tail": stderr[-1500:]}]
     recs = records_in(stdout)
     if recs:
         return sorted(recs, key=lambda r: r.get("rank", 0))
