@@ -39,7 +39,7 @@ def main() -> None:
 # allocator histories too, but at the time of writing no term was read off them).
 USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "t13-", "t14-", "t15-", "m1-", "m2-", "d2-", "d3-")
 # t7-* re-runs of setups measured before (to read their allocator histories): in-sample
-HELD_OUT = ("h2-", "h3-", "h4-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-",  # matrices committed before they ran
+HELD_OUT = ("h2-", "h3-", "h4-", "h5-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-",  # matrices committed before they ran
             "d4-", "d7-", "d8-", "d9-", "d10-", "d11-", "d12-", "d13-")
 RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 # Held-out runs a term was since written from or checked against: in-sample from then on (their
