@@ -40,7 +40,7 @@ def main() -> None:
 USED_TRACES = ("t3-", "t4-", "t5-", "t9-", "t13-", "t14-", "t15-", "m1-", "m2-", "d2-", "d3-")
 # t7-* re-runs of setups measured before (to read their allocator histories): in-sample
 HELD_OUT = ("h2-", "h3-", "h4-", "h5-", "m2-", "t6-", "t7-", "t8-", "t10-", "t12-",  # matrices committed before they ran
-            "d4-", "d7-", "d8-", "d9-", "d10-", "d11-", "d12-", "d13-")
+            "d4-", "d7-", "d8-", "d9-", "d10-", "d11-", "d12-", "d13-", "d14-")
 RERUNS = {"t7-g9b-lora-ckpt-b1s2048", "t7-l1b-full-eager-ckpt-b2s2048"}
 # Held-out runs a term was since written from or checked against: in-sample from then on (their
 # first-measurement errors are in the README). The ZeRO-1/2 step moment (d4-z2-gran2b), FSDP2's
