@@ -744,7 +744,7 @@ def zero12_copy_block_stranded_bytes(spec: ModelSpec, setup: Setup, par: Paralle
     blocks, the gradient partition is cut from the copy's block first and a state beside it fills
     it (d11-z1-g3-1b-hf-full-b1s512 rank 0: 954 + 954 MiB in 1908), which the first step's own
     segment for the gradient stands for: 0 there."""
-    if not copy_segment or par.offload != "none" or flat_bytes > freed_vocab_block(spec.arch, setup):
+    if not (copy_segment and flat_bytes) or par.offload != "none" or flat_bytes > freed_vocab_block(spec.arch, setup):
         return 0
     vocab_blocks = first_step_vocab_blocks(spec, setup, flat_bytes=flat_bytes)
     carved = min(first_step_states_past_vocab_blocks(states=states, vocab_blocks=vocab_blocks),
