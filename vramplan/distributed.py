@@ -945,13 +945,14 @@ def estimate_distributed(spec: ModelSpec, setup: Setup, par: Parallel) -> Distri
                                          grad_tensors=_grad_tensor_bytes(spec, setup, t) if par.engine == "ddp" else [])
     reserved = max(reserved, fsdp_loss_moment_reserved_bytes(par, gpu, m, grads_alive=grads_alive, ag_pool=ag_pool))
     reserved += accumulated_gradient_reserved_bytes(par, carried=m.carried)
+    fp32_partition = 4 * m.psi // par.world
     copy_segment = zero12_norm_copy_segment_bytes(
         par, norm_copy=m.norm_copy, peak_parts=gpu[peak_phase],
         # the fp32 gradient partition, the loss's vocabulary block, an MLP output
-        largest_freed_block=max(4 * m.psi // par.world, freed_vocab_block(spec.arch, setup),
+        largest_freed_block=max(fp32_partition, freed_vocab_block(spec.arch, setup),
                                 largest_activation_block_bytes(spec, setup)))
     reserved += copy_segment + zero12_copy_block_stranded_bytes(spec, setup, par, copy_segment=copy_segment,
-                                                                flat_bytes=4 * m.psi // par.world, states=m.states)
+                                                                flat_bytes=fp32_partition, states=m.states)
     nccl = nccl_bytes(world_size=par.world, engine=_nccl_engine(par))
     outside = {**single.outside_allocator, "nccl (communicator, kernels, channel buffers)": nccl}
     total = reserved + sum(outside.values())
